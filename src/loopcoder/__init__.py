@@ -1,0 +1,1 @@
+"""loopcoder: exact, fast inference for IQuest LoopCoder models."""
