@@ -175,6 +175,18 @@ def _more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    """A checkpoint folder; None or "demo" names the demo model shipped with the package."""
+    if model is None or str(model) == "demo":
+        from loopcoder.demo import DEMO_DIR
+
+        return DEMO_DIR
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist (weights are never downloaded: give a local folder)")
+    return path
+
+
 def load_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype = "auto",
