@@ -92,7 +92,7 @@ class LLMEngine:
             budget = cfg.kv_cache_memory or self._default_budget()
             enough = cfg.max_num_seqs * -(-self.max_model_len // bs)
             num_global = min((budget - num_local * local_bytes) // global_bytes, enough)
-        if num_global < -(-self.max_model_len // bs) // 8 or num_global < 2:
+        if num_global < 1:
             raise ValueError(
                 f"KV cache budget holds only {num_global} blocks of {bs} tokens; raise kv_cache_memory "
                 f"or lower max_model_len ({self.max_model_len}) / max_num_seqs ({cfg.max_num_seqs})"
@@ -274,6 +274,8 @@ class LLMEngine:
         if reason is None and (out_len >= (p.max_tokens or self.max_model_len) or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            if detok is not None and not isinstance(stop_reason, str):
+                seq.text += detok.flush()
             seq.finish_reason, seq.stop_reason = reason, stop_reason
             self.scheduler.finish(seq)
 

@@ -117,6 +117,8 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Return all of a sequence's blocks (their prefix-cache entries stay until reused)."""
+        if self.enable_prefix_caching and seq.global_blocks:
+            self._register(seq, margin=0)
         for block in reversed(seq.global_blocks):
             self.global_pool.release(block)
         for block in reversed(seq.local_blocks):
@@ -135,9 +137,10 @@ class BlockManager:
                 self.local_pool.release(block)
                 seq.local_blocks[j] = None
 
-    def _register(self, seq: Sequence) -> None:
+    def _register(self, seq: Sequence, margin: int | None = None) -> None:
         # A block is registered once no rollback can reach it any more.
-        settled = max(seq.num_computed - self.max_rollback, 0) // self.block_size
+        margin = self.max_rollback if margin is None else margin
+        settled = max(seq.num_computed - margin, 0) // self.block_size
         hashes = self.hashes.setdefault(seq.seq_id, [])
         bs = self.block_size
         while len(hashes) < settled:
