@@ -78,17 +78,18 @@ class AsyncLLM:
         self._streams[request_id] = (loop, outputs)
         added = loop.create_future()
         self._inbox.put(("add", request_id, prompt, params, added))
+        finished = False
         try:
             await added
-            while True:
+            while not finished:
                 out = await outputs.get()
                 if isinstance(out, BaseException):
                     raise out
+                finished = out.finished
                 yield out
-                if out.finished:
-                    return
         finally:
-            if self._streams.pop(request_id, None) is not None:
+            self._streams.pop(request_id, None)
+            if not finished:
                 self._inbox.put(("abort", request_id))
 
     def abort(self, request_id: str) -> None:
