@@ -54,26 +54,24 @@ class LoopCoderConfig:
             raise ConfigError("model_type 'llama' without loop_num: not a LoopCoder config")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for name in required:
-            value = raw.get(name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+            _positive_int(name, raw.get(name))
         heads = raw["num_attention_heads"]
-        kv_heads = raw.get("num_key_value_heads") or heads
-        if not isinstance(kv_heads, int) or heads % kv_heads:
+        kv_heads = raw.get("num_key_value_heads")
+        kv_heads = heads if kv_heads is None else _positive_int("num_key_value_heads", kv_heads)
+        if heads % kv_heads:
             raise ConfigError(
                 f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}"
             )
-        head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
-        if not raw.get("head_dim") and raw["hidden_size"] % heads:
-            raise ConfigError(f"hidden_size {raw['hidden_size']} is not divisible by num_attention_heads {heads}")
+        head_dim = raw.get("head_dim")
+        if head_dim is None:
+            if raw["hidden_size"] % heads:
+                raise ConfigError(f"hidden_size {raw['hidden_size']} is not divisible by num_attention_heads {heads}")
+            head_dim = raw["hidden_size"] // heads
+        head_dim = _positive_int("head_dim", head_dim)
         if head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {head_dim}")
-        loop_num = raw.get("loop_num", 2)
-        if not isinstance(loop_num, int) or loop_num < 1:
-            raise ConfigError(f"loop_num must be an integer >= 1, got {loop_num!r}")
-        window = raw.get("loop_window_size", 64)
-        if not isinstance(window, int) or window < 1:
-            raise ConfigError(f"loop_window_size must be an integer >= 1, got {window!r}")
+        loop_num = _positive_int("loop_num", raw.get("loop_num", 2))
+        window = _positive_int("loop_window_size", raw.get("loop_window_size", 64))
         rope_scaling = _check_rope_scaling(raw.get("rope_scaling"))
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
         if dtype not in DTYPES:
@@ -120,6 +118,12 @@ def read_generation_config(path: str | Path) -> dict[str, Any]:
     """The checkpoint's `generation_config.json` (empty when absent)."""
     file = Path(path) / "generation_config.json"
     return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+    return value
 
 
 def _as_id_list(value: Any) -> list[int]:
