@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server (`loopcoder serve`) and interactive chat (`loopcoder chat`)."""
