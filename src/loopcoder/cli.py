@@ -15,10 +15,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="split the model over this many ranks")
+    parser.add_argument("--quantization", default=None, choices=["int8"], help="quantize the weights at load (weight-only)")
 
 
 def engine_args(args: argparse.Namespace) -> dict:
-    return {"dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len}
+    return {
+        "dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
+        "tensor_parallel_size": args.tensor_parallel_size, "quantization": args.quantization,
+    }
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -94,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--ids", action="store_true", help="print generated token ids instead of text")
     gen.set_defaults(func=cmd_generate)
+
+    from loopcoder.server.commands import add_chat_command, add_serve_command
+
+    add_chat_command(sub)
+    add_serve_command(sub)
 
     bench = sub.add_parser("bench", help="offline throughput: prefill and decode tokens/s")
     add_model_args(bench)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_LOGPROBS = 20  # as vLLM's default max_logprobs
 
 @dataclass
 class SamplingParams:
@@ -63,10 +64,12 @@ class SamplingParams:
             raise bad("min_tokens", f"<= max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise bad(name, "an integer >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "an integer")
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise bad(name, f"an integer in [0, {MAX_LOGPROBS}]")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise bad("seed", "an integer in [0, 2**63)")
+        if self.top_k > 2**31:
+            raise bad("top_k", "at most 2**31")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise bad("stop", "a non-empty string or a list of them")
 

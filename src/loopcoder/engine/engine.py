@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +19,12 @@ from loopcoder.engine.kv_cache import BlockManager
 from loopcoder.engine.runner import ModelRunner
 from loopcoder.engine.scheduler import ScheduledBatch, Scheduler
 from loopcoder.engine.sequence import Sequence
+from loopcoder.engine.tensor_parallel import start_tensor_parallel
 from loopcoder.loader import load_model, resolve_model_path
 from loopcoder.model.kv_cache import KVCache, bytes_per_block
 from loopcoder.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from loopcoder.sampling import SamplingParams, apply_penalties, sample
+from loopcoder.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 Prompt = str | list[int] | dict
 
@@ -37,6 +40,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     max_rollback: int = 8
+    tensor_parallel_size: int = 1
+    quantization: str | None = None  # "int8": weight-only int8 with per-channel scales, quantized at load
 
 
 @dataclass
@@ -51,13 +56,21 @@ class Request:
 
 
 class LLMEngine:
-    def __init__(self, model: str | os.PathLike, dtype: str = "auto", device: str = "cpu", **engine_args) -> None:
-        from loopcoder.tokenizer import load_tokenizer
-
+    def __init__(
+        self,
+        model: str | os.PathLike | None,
+        dtype: str = "auto",
+        device: str = "cpu",
+        progress: Callable[[int, int], None] | None = None,
+        **engine_args,
+    ) -> None:
         path = resolve_model_path(model)
         self.config = EngineConfig(**engine_args)
         self.device = torch.device(device)
-        self.model = load_model(path, dtype).to(self.device)
+        self.tp = start_tensor_parallel(
+            path, self.device, self.config.tensor_parallel_size, dtype=dtype, quantization=self.config.quantization
+        )
+        self.model = load_model(path, dtype, progress, quantization=self.config.quantization).to(self.device)
         mc = self.model.config
         self.tokenizer = load_tokenizer(path) if _has_tokenizer(path) else None
         self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -65,7 +78,7 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.cache = self._allocate_cache()
-        self.runner = ModelRunner(self.model, self.cache)
+        self.runner = ModelRunner(self.model, self.cache) if self.tp is None else self.tp.runner(self.model, self.cache)
         self.blocks = BlockManager(
             self.cache.num_global_blocks, self.cache.num_local_blocks, self.config.block_size,
             mc.loop_window_size, self.config.max_rollback, self.config.enable_prefix_caching,
@@ -105,6 +118,11 @@ class LLMEngine:
             return int(free * self.config.gpu_memory_utilization)
         return 1 << 30
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker ranks (nothing to do on one rank)."""
+        if self.tp is not None:
+            self.tp.shutdown()
+
     def pool_usage(self) -> dict[str, int | float]:
         """Block pool figures: totals, free blocks, and per-running-request use."""
         g, loc = self.blocks.global_pool, self.blocks.local_pool
@@ -143,8 +161,6 @@ class LLMEngine:
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, time.monotonic())
         for seq in seqs:
             if self.tokenizer is not None:
-                from loopcoder.tokenizer import IncrementalDetokenizer
-
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
             self.scheduler.add(seq)
         return request_id
@@ -165,10 +181,12 @@ class LLMEngine:
         if needed > self.blocks.global_pool.num_blocks:
             raise ValueError(f"prompt of {len(ids)} tokens needs {needed} KV blocks; the pool has "
                              f"{self.blocks.global_pool.num_blocks}")
-        if (params.stop_strings) and self.tokenizer is None:
+        if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this checkpoint has none")
         if params.logit_bias and any(not 0 <= int(t) < vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias has a token id outside the vocabulary [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids has a token id outside the vocabulary [0, {vocab})")
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks."""
@@ -258,18 +276,20 @@ class LLMEngine:
             self._check_stop(seq, token)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
+        """Finish `seq` if `token` ends it; a stop or eos token's text is left out unless asked for."""
         p = seq.params
         out_len = len(seq.output_ids)
-        detok = getattr(seq, "detokenizer", None)
-        if detok is not None:
-            seq.text += detok.add(token)
+        detok = seq.detokenizer
         reason, stop_reason = None, None
         if out_len >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
                 reason = "stop"
             elif token in p.stop_token_ids:
                 reason, stop_reason = "stop", token
-            elif p.stop_strings:
+        if detok is not None:
+            if reason is None or p.include_stop_str_in_output:
+                seq.text += detok.add(token)
+            if reason is None and out_len >= p.min_tokens and p.stop_strings:
                 reason, stop_reason = self._match_stop_string(seq)
         if reason is None and (out_len >= (p.max_tokens or self.max_model_len) or seq.num_tokens >= self.max_model_len):
             reason = "length"

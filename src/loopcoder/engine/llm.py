@@ -99,6 +99,7 @@ class AsyncLLM:
         self._stopped = True
         self._inbox.put(("stop",))
         self._thread.join(timeout=30)
+        self.engine.shutdown()
 
     def _loop(self) -> None:
         try:
@@ -110,6 +111,19 @@ class AsyncLLM:
             self.error = e
             for request_id in list(self._streams):
                 self._deliver(request_id, RuntimeError(f"engine stopped: {e!r}"))
+            self._refuse_until_stopped()
+
+    def _refuse_until_stopped(self) -> None:
+        """After a fatal engine error, fail every request still arriving instead of leaving it hanging."""
+        while not self._stopped:
+            try:
+                item = self._inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item[0] == "add":
+                stream = self._streams.get(item[1])
+                if stream is not None:
+                    stream[0].call_soon_threadsafe(_settle, item[4], RuntimeError(f"engine stopped: {self.error!r}"))
 
     def _apply(self, block: bool) -> None:
         try:

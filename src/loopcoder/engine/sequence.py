@@ -9,6 +9,7 @@ import torch
 
 from loopcoder.outputs import PositionLogprobs
 from loopcoder.sampling import SamplingParams
+from loopcoder.tokenizer import IncrementalDetokenizer
 
 _seq_ids = itertools.count()
 
@@ -37,6 +38,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.text = ""
+        self.detokenizer: IncrementalDetokenizer | None = None
         self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[PositionLogprobs | None] | None = None
         if params.prompt_logprobs is not None:
