@@ -21,6 +21,7 @@ import torch
 from loopcoder.config import DTYPES, LoopCoderConfig
 from loopcoder.model.layers import WeightSpec
 from loopcoder.model.loopcoder import LoopCoderForCausalLM
+from loopcoder.quantization import quantize_model
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -86,31 +87,42 @@ class SafetensorsFile:
             )
         return TensorEntry(dtype, shape, begin, end)
 
-    def read(self, name: str, dim: int = 0, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Tensor `name`, or its slice start:stop along `dim` (rows are read alone; columns via rows)."""
+    def read(self, name: str, dim: int = 0, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `name`, or its slice start:stop along `dim` (rows are read alone; columns via rows).
+
+        With `out`, the result lands there; a row slice of the file's dtype is read straight into
+        it, so loading needs no temporary copy of the tensor.
+        """
         entry = self.tensors[name]
-        stop = entry.shape[dim] if stop is None else stop
-        if not entry.shape:
-            start, stop = 0, 1
-        row_shape = entry.shape[1:]
-        row_bytes = math.prod(row_shape) * torch.empty((), dtype=entry.dtype).element_size()
-        first, last = (start, stop) if dim == 0 else (0, entry.shape[0])
-        out = torch.empty((last - first, *row_shape), dtype=entry.dtype)
+        shape = entry.shape or (1,)
+        stop = shape[dim] if stop is None else stop
+        first, last = (start, stop) if dim == 0 else (0, shape[0])
+        rows = (last - first, *shape[1:])
+        direct = out is not None and dim == 0 and out.dtype == entry.dtype and out.is_contiguous() and out.numel() == math.prod(rows)
+        buffer = out.view(rows) if direct else torch.empty(rows, dtype=entry.dtype)
+        row_bytes = math.prod(shape[1:]) * buffer.element_size()
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.data_start + entry.begin + first * row_bytes)
-            view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+            view = memoryview(buffer.view(torch.uint8).numpy()).cast("B") if buffer.numel() else memoryview(b"")
             if f.readinto(view) != len(view):
                 raise CheckpointError(f"{self.path} is truncated while reading tensor {name}")
+        if direct:
+            return out
         if not entry.shape:
-            return out.reshape(())
-        return out if dim == 0 else out.narrow(dim, start, stop - start)
+            result = buffer.reshape(())
+        else:
+            result = buffer if dim == 0 else buffer.narrow(dim, start, stop - start)
+        return result if out is None else out.copy_(result)
 
 
 def checkpoint_files(path: Path) -> dict[str, SafetensorsFile]:
     """Map each tensor name to the file holding it (sharded via model.safetensors.index.json)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a valid index: {e}") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no weight_map")
         files: dict[str, SafetensorsFile] = {}
@@ -165,8 +177,7 @@ def load_weights(
         if entry.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"tensor {name} in {file.path.name} has non-float dtype {entry.dtype}")
         for spec in group:
-            with torch.no_grad():
-                spec.param[spec.rows].copy_(file.read(name, spec.dim, spec.start, spec.stop))
+            file.read(name, spec.dim, spec.start, spec.stop, out=spec.param.data[spec.rows])
         if progress:
             progress(done, len(specs))
 
@@ -191,10 +202,12 @@ def load_model(
     path: str | os.PathLike,
     dtype: str | torch.dtype = "auto",
     progress: Callable[[int, int], None] | None = None,
+    quantization: str | None = None,
 ) -> LoopCoderForCausalLM:
-    """Build the model a checkpoint's config.json describes and load its weights."""
+    """Build the model a checkpoint's config.json describes and load its weights (then quantize them, if asked)."""
     path = Path(path)
     config = LoopCoderConfig.from_pretrained(path)
     model = LoopCoderForCausalLM(config, resolve_dtype(dtype, config))
     load_weights(model, path, progress)
+    quantize_model(model, quantization)
     return model.eval()

@@ -1,17 +1,24 @@
 """Turns a scheduled batch into model inputs over the paged caches and runs the model.
 
 A step takes any number of new tokens per sequence: sequences with one new token (decodes)
-attend as one padded batch, the others (prompt chunks, drafted tokens) one sequence each.
+attend as one batch, the others (prompt chunks, drafted tokens) one sequence each. Slot
+arithmetic is done in numpy, once per step, and shared by every layer and loop.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from loopcoder import kernels
 from loopcoder.engine.sequence import Sequence
 from loopcoder.model.attention import AttentionMetadata, DecodeGroup, PagedAttention, PrefillSpan, positional_mask
 from loopcoder.model.kv_cache import KVCache
+from loopcoder.model.layers import pack_weights
 from loopcoder.model.loopcoder import LoopCoderForCausalLM
+
+# Queries per tile of the local window band in prefill (at least the window).
+BAND_TILE = 64
 
 
 class ModelRunner:
@@ -21,68 +28,90 @@ class ModelRunner:
         self.block_size = cache.block_size
         self.window = model.config.loop_window_size
         self.device = cache.global_state.device
+        self.tile = max(BAND_TILE, self.window)
+        if kernels.native(cache.global_state) is not None:  # builds or loads the CPU kernels now, not in the first step
+            pack_weights(model)
 
-    def _slots(self, table: list[int | None], first: int, last: int) -> torch.Tensor:
+    def _slots(self, table: list[int | None], first: int, last: int) -> np.ndarray:
         """Flat cache slots of positions [first, last) of a sequence with this block table."""
         bs = self.block_size
-        blocks = torch.tensor([-1 if b is None else b for b in table[first // bs : -(-last // bs)]], dtype=torch.long)
-        slots = (blocks.unsqueeze(1) * bs + torch.arange(bs)).flatten()
+        blocks = np.array([-1 if b is None else b for b in table[first // bs : -(-last // bs)]], dtype=np.int64)
+        slots = (blocks[:, None] * bs + np.arange(bs)).ravel()
         return slots[first % bs : first % bs + last - first]
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device)
 
     def prepare(self, seqs: list[Sequence], num_new: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         ids, positions, write_global, write_local = [], [], [], []
-        decode_rows, prefills, row = [], [], 0
+        decodes, prefills, row = [], [], 0
         for seq, n in zip(seqs, num_new, strict=True):
             start, end = seq.num_computed, seq.num_computed + n
             ids.extend(seq.token_ids[start:end])
-            positions.append(torch.arange(start, end))
+            positions.append(np.arange(start, end))
             write_global.append(self._slots(seq.global_blocks, start, end))
             write_local.append(self._slots(seq.local_blocks, start, end))
             if n == 1:
-                decode_rows.append((row, seq))
+                decodes.append((row, seq))
             else:
                 prefills.append(self._prefill_span(seq, row, start, end))
             row += n
         meta = AttentionMetadata(
-            write_global=torch.cat(write_global).to(self.device),
-            write_local=torch.cat(write_local).to(self.device),
-            decode=self._decode_group(decode_rows) if decode_rows else None,
+            write_global=self._tensor(np.concatenate(write_global)),
+            write_local=self._tensor(np.concatenate(write_local)),
+            decode=self._decode_group(decodes, only=not prefills) if decodes else None,
             prefills=prefills,
         )
-        return torch.tensor(ids, device=self.device), torch.cat(positions).to(self.device), meta
+        return torch.tensor(ids, device=self.device), self._tensor(np.concatenate(positions)), meta
 
     def _prefill_span(self, seq: Sequence, row: int, start: int, end: int) -> PrefillSpan:
         q_pos = torch.arange(start, end)
-        k_first = max(start - self.window + 1, 0)
-        k_pos = torch.arange(k_first, end)
         global_mask = None if start == 0 else positional_mask(q_pos, torch.arange(end), None).to(self.device)
+        slots, mask = self._band(seq, start, end)
         return PrefillSpan(
             first=row,
             last=row + end - start,
-            global_slots=self._slots(seq.global_blocks, 0, end).to(self.device),
+            global_slots=self._tensor(self._slots(seq.global_blocks, 0, end)),
             global_mask=global_mask,
-            local_slots=self._slots(seq.local_blocks, k_first, end).to(self.device),
-            local_mask=positional_mask(q_pos, k_pos, self.window).to(self.device),
+            band_slots=self._tensor(slots),
+            band_mask=torch.from_numpy(mask).to(self.device),
         )
 
-    def _decode_group(self, rows: list[tuple[int, Sequence]]) -> DecodeGroup:
-        positions = torch.tensor([seq.num_computed for _, seq in rows])
-        longest = int(positions.max()) + 1
-        global_slots = torch.zeros(len(rows), longest, dtype=torch.long)
-        local_slots = torch.zeros(len(rows), self.window, dtype=torch.long)
-        for i, (_, seq) in enumerate(rows):
-            p = seq.num_computed
-            global_slots[i, : p + 1] = self._slots(seq.global_blocks, 0, p + 1)
-            first = max(p - self.window + 1, 0)
-            local_slots[i, : p + 1 - first] = self._slots(seq.local_blocks, first, p + 1)
-        global_mask = torch.arange(longest) <= positions.unsqueeze(1)
-        local_mask = torch.arange(self.window) <= (positions - (positions - self.window + 1).clamp(min=0)).unsqueeze(1)
+    def _band(self, seq: Sequence, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Local keys per query tile: slots [tiles, tile + W - 1] and mask [tiles, 1, tile, tile + W - 1].
+
+        Padding queries past `end` see every key (their outputs are dropped); keys outside the
+        sequence's held local blocks point at a held slot and are masked out.
+        """
+        w, tile = self.window, self.tile
+        tiles = -(-(end - start) // tile)
+        q_pos = start + np.arange(tiles * tile).reshape(tiles, tile)
+        k_pos = q_pos[:, :1] - w + 1 + np.arange(tile + w - 1)
+        first = max(start - w + 1, 0)
+        held = self._slots(seq.local_blocks, first, end)
+        slots = held[np.clip(k_pos, first, end - 1) - first]
+        q, k = q_pos[:, :, None], k_pos[:, None, :]
+        mask = ((k <= q) & (k > q - w) & (k >= 0)) | (q >= end)
+        return slots, mask[:, None]
+
+    def _decode_group(self, rows: list[tuple[int, Sequence]], only: bool) -> DecodeGroup:
+        seqs = [seq for _, seq in rows]
+        width = max(len(seq.global_blocks) for seq in seqs)
+        global_table = np.zeros((len(seqs), width), dtype=np.int64)
+        local_table = np.zeros((len(seqs), width), dtype=np.int64)
+        for i, seq in enumerate(seqs):
+            global_table[i, : len(seq.global_blocks)] = seq.global_blocks
+            local_table[i, : len(seq.local_blocks)] = [0 if b is None else b for b in seq.local_blocks]
+        positions = [seq.num_computed for seq in seqs]
         return DecodeGroup(
             tokens=torch.tensor([r for r, _ in rows], device=self.device),
-            global_slots=global_slots.to(self.device),
-            global_mask=global_mask[:, None, None, :].to(self.device),
-            local_slots=local_slots.to(self.device),
-            local_mask=local_mask[:, None, None, :].to(self.device),
+            positions=torch.tensor(positions, device=self.device),
+            global_table=self._tensor(global_table),
+            local_table=self._tensor(local_table),
+            block_size=self.block_size,
+            window=self.window,
+            longest=max(positions) + 1,
+            only=only,
         )
 
     @torch.inference_mode()

@@ -6,17 +6,29 @@ layer, and locally over its own keys/values of the last W positions, i - W < j <
 
 Two backends hold that state. `DenseAttention` runs whole sequences with no cache (training
 and reference). `PagedAttention` reads and writes the engine's block-paged caches for a
-flattened batch in which each sequence brings any number of new tokens.
+flattened batch in which each sequence brings any number of new tokens. Both offer
+`later_loop` (the two branches) and `gated_later_loop` (the gate's mix of them, which a CPU
+decode step computes in one native kernel).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from loopcoder import kernels
 from loopcoder.model.kv_cache import KVCache
+
+
+class Gate(Protocol):
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def mix(self, q: torch.Tensor, global_out: torch.Tensor, local_out: torch.Tensor) -> torch.Tensor: ...
 
 
 def positional_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -52,32 +64,59 @@ class DenseAttention:
         k0, v0 = self.loop0[layer]
         return attend(q, k0, v0, None), attend(q, k, v, self.window_mask)
 
+    def gated_later_loop(self, layer: int, loop: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: Gate) -> torch.Tensor:
+        return gate.mix(q, *self.later_loop(layer, loop, q, k, v))
+
 
 @dataclass
 class DecodeGroup:
-    """Sequences bringing one new token each, attended as one padded batch.
+    """Sequences bringing one new token each (flat batch rows `tokens`, at `positions` [B]).
 
-    `global_slots`/`local_slots` [B, L] index the flat cache (padding points at slot 0 and is
-    masked out by the matching `*_mask` [B, 1, 1, L]).
+    `global_table`/`local_table` [B, blocks] are their block tables (unused entries 0). The
+    native kernel reads the caches through them; the plain path gathers the slots they give
+    into one padded batch per branch, with masks. `only` says the step holds nothing else.
     """
 
     tokens: torch.Tensor
-    global_slots: torch.Tensor
-    global_mask: torch.Tensor
-    local_slots: torch.Tensor
-    local_mask: torch.Tensor
+    positions: torch.Tensor
+    global_table: torch.Tensor
+    local_table: torch.Tensor
+    block_size: int
+    window: int
+    longest: int
+    only: bool
+
+    @cached_property
+    def global_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [B, longest] of positions 0.. and the mask [B, 1, 1, longest] of those <= each position."""
+        pos = torch.arange(self.longest, device=self.positions.device).expand(len(self.positions), -1)
+        return self._slots(self.global_table, pos), (pos <= self.positions[:, None])[:, None, None, :]
+
+    @cached_property
+    def local_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [B, W] of the window positions p-W+1..p and the mask of those >= 0."""
+        pos = self.positions[:, None] - self.window + 1 + torch.arange(self.window, device=self.positions.device)
+        return self._slots(self.local_table, pos.clamp(min=0)), (pos >= 0)[:, None, None, :]
+
+    def _slots(self, table: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return table.gather(1, pos // self.block_size) * self.block_size + pos % self.block_size
 
 
 @dataclass
 class PrefillSpan:
-    """One sequence bringing several new tokens: flat batch rows [first, last)."""
+    """One sequence bringing several new tokens: flat batch rows [first, last).
+
+    The local branch runs as a band: queries in tiles of `band_slots.shape[1] - W + 1`, each tile
+    attending only to the keys that can reach it (`band_slots` [tiles, keys], `band_mask`
+    [tiles, 1, tile, keys]) rather than to a full square of masked keys.
+    """
 
     first: int
     last: int
     global_slots: torch.Tensor
     global_mask: torch.Tensor | None
-    local_slots: torch.Tensor
-    local_mask: torch.Tensor
+    band_slots: torch.Tensor
+    band_mask: torch.Tensor
 
 
 @dataclass
@@ -98,26 +137,70 @@ class PagedAttention:
         self.meta = meta
 
     def first_loop(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        keys, values = self.cache.global_kv(layer)
-        keys.index_copy_(0, self.meta.write_global, k)
-        values.index_copy_(0, self.meta.write_global, v)
-        return self._run(q, keys, values, local=False)
+        self._write(self.cache.global_kv(layer), self.meta.write_global, k, v)
+        return self._each_part(q, lambda group: self._decode(q, group, layer, 0), lambda qs, span: self._global(qs, span, layer))
 
     def later_loop(self, layer: int, loop: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.cache.local_kv(loop, layer)
-        keys.index_copy_(0, self.meta.write_local, k)
-        values.index_copy_(0, self.meta.write_local, v)
-        k0, v0 = self.cache.global_kv(layer)
-        return self._run(q, k0, v0, local=False), self._run(q, keys, values, local=True)
+        self._write(self.cache.local_kv(loop, layer), self.meta.write_local, k, v)
+        glob = self._each_part(q, lambda group: self._decode(q, group, layer, 0), lambda qs, span: self._global(qs, span, layer))
+        local = self._each_part(q, lambda group: self._decode(q, group, layer, loop), lambda qs, span: self._band(qs, span, layer, loop))
+        return glob, local
 
-    def _run(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, local: bool) -> torch.Tensor:
-        out = torch.empty_like(q)
+    def gated_later_loop(self, layer: int, loop: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: Gate) -> torch.Tensor:
         group = self.meta.decode
+        ops = _native(q) if group is not None and group.only else None
+        if ops is None:
+            return gate.mix(q, *self.later_loop(layer, loop, q, k, v))
+        self._write(self.cache.local_kv(loop, layer), self.meta.write_local, k, v)
+        k0, v0 = self.cache.global_kv(layer)
+        k1, v1 = self.cache.local_kv(loop, layer)
+        return ops.gated_decode_attention(
+            q, group.tokens, group.positions, k0, v0, group.global_table, k1, v1, group.local_table,
+            group.block_size, group.window, gate.weight, gate.bias,
+        )
+
+    @staticmethod
+    def _write(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        cache[0].index_copy_(0, slots, k)
+        cache[1].index_copy_(0, slots, v)
+
+    def _each_part(self, q: torch.Tensor, decode, prefill) -> torch.Tensor:
+        """Output [N, H, D] from `decode(group)` for the decode rows and `prefill(q rows, span)` for each span."""
+        group = self.meta.decode
+        if group is not None and group.only:
+            return decode(group)
+        out = torch.empty_like(q)
         if group is not None:
-            slots, mask = (group.local_slots, group.local_mask) if local else (group.global_slots, group.global_mask)
-            out[group.tokens] = attend(q[group.tokens].unsqueeze(1), keys[slots], values[slots], mask).squeeze(1)
+            out[group.tokens] = decode(group)
         for span in self.meta.prefills:
-            slots, mask = (span.local_slots, span.local_mask) if local else (span.global_slots, span.global_mask)
             rows = slice(span.first, span.last)
-            out[rows] = attend(q[rows].unsqueeze(0), keys[slots].unsqueeze(0), values[slots].unsqueeze(0), mask)[0]
+            out[rows] = prefill(q[rows], span)
         return out
+
+    def _decode(self, q: torch.Tensor, group: DecodeGroup, layer: int, loop: int) -> torch.Tensor:
+        """Loop 0's causal attention (loop 0) or a later loop's window (loop > 0) for the decode rows [B, H, D]."""
+        keys, values = self.cache.local_kv(loop, layer) if loop else self.cache.global_kv(layer)
+        window = group.window if loop else 0
+        ops = _native(q)
+        if ops is not None:
+            table = group.local_table if loop else group.global_table
+            return ops.decode_attention(q, group.tokens, group.positions, keys, values, table, group.block_size, window)
+        slots, mask = group.local_slots if loop else group.global_slots
+        return attend(q[group.tokens].unsqueeze(1), keys[slots], values[slots], mask).squeeze(1)
+
+    def _global(self, q: torch.Tensor, span: PrefillSpan, layer: int) -> torch.Tensor:
+        keys, values = self.cache.global_kv(layer)
+        slots = span.global_slots
+        return attend(q.unsqueeze(0), keys[slots].unsqueeze(0), values[slots].unsqueeze(0), span.global_mask)[0]
+
+    def _band(self, q: torch.Tensor, span: PrefillSpan, layer: int, loop: int) -> torch.Tensor:
+        keys, values = self.cache.local_kv(loop, layer)
+        tiles, tile = span.band_mask.shape[0], span.band_mask.shape[2]
+        padded = F.pad(q, (0, 0, 0, 0, 0, tiles * tile - q.shape[0])).view(tiles, tile, *q.shape[1:])
+        out = attend(padded, keys[span.band_slots], values[span.band_slots], span.band_mask)
+        return out.flatten(0, 1)[: q.shape[0]]
+
+
+def _native(q: torch.Tensor):
+    """The kernels when they can run decode attention on q [N, H, D] (D a multiple of 8), else None."""
+    return kernels.native(q) if q.shape[-1] % 8 == 0 else None

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loopcoder import kernels
 from loopcoder.parallel import all_gather_last_dim, all_reduce, tp_rank, tp_size
 
 
@@ -47,6 +48,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = kernels.native(x)
+        if ops is not None:
+            return ops.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps).view(x.shape)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -55,21 +59,97 @@ class RMSNorm(nn.Module):
         return [WeightSpec(f"{prefix}.weight", tuple(self.weight.shape), self.weight, slice(None))]
 
 
-class ColumnParallelLinear(nn.Module):
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None, swiglu: bool = False, packed: bool = False,
+) -> torch.Tensor:
+    """residual + x W^T, W an int8 weight times its per-row `scale` if given; with `swiglu`, x holds
+    [gate | up] halves and stands for silu(gate) * up. `packed`: W is in the native kernel's layout.
+
+    A few rows (decode) on the CPU take the native kernel, which streams each weight row once.
+    """
+    rows = x.numel() // x.shape[-1]
+    ops = kernels.native(x) if rows <= kernels.SKINNY_ROWS else None
+    if ops is not None:
+        out_features = weight.shape[0]
+        flat = None if residual is None else residual.reshape(rows, out_features).contiguous()
+        y = ops.linear(x.reshape(rows, x.shape[-1]).contiguous(), weight, scale, flat, swiglu, packed)
+        return y.view(*x.shape[:-1], out_features)
+    if packed:
+        weight = kernels.load().unpack(weight, x.shape[-1] // 2 if swiglu else x.shape[-1])
+    if swiglu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    y = matmul(x, weight, scale)
+    return y if residual is None else residual + y
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (times `scale` for int8 weights) for many rows.
+
+    A CPU without bf16 FMA units (AVX2) runs PyTorch's bf16 GEMM several times slower than its
+    fp32 GEMM, so the fast path widens a bf16 weight to fp32 for the product (and an int8 one
+    always); the result is rounded back to the activation dtype.
+    """
+    widen = weight.dtype == torch.int8 or (weight.dtype == torch.bfloat16 and kernels.enabled(x))
+    if not widen:
+        return F.linear(x, weight)
+    compute = torch.float32 if x.device.type == "cpu" else x.dtype
+    y = F.linear(x.to(compute), weight.to(compute))
+    return (y if scale is None else y * scale.to(compute)).to(x.dtype)
+
+
+class Weight(nn.Module):
+    """A [rows, cols] weight matrix, optionally int8 with per-row `scale` (loopcoder.quantization),
+    optionally `packed` into the native CPU kernel's layout (`pack`, done by the engine's runner)."""
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, cols, dtype=dtype), requires_grad=False)
+        self.register_buffer("scale", None)
+        self.cols = cols
+        self.dtype = dtype
+        self.packed = False
+
+    def matmul(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+        return linear(x, self.weight, self.scale, residual, swiglu, self.packed)
+
+    def pack(self) -> None:
+        """Lay a bf16 or int8 weight on the CPU out for the native decode kernel (a no-op otherwise)."""
+        ops = kernels.load()
+        if ops is not None and not self.packed and self.weight.device.type == "cpu" and self.weight.dtype in (torch.bfloat16, torch.int8):
+            self.weight = nn.Parameter(ops.pack(self.weight.data), requires_grad=False)
+            self.packed = True
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the (dequantized) matrix, [..., cols] in the model dtype: an embedding lookup."""
+        if self.packed:
+            out = kernels.load().packed_rows(self.weight, ids.reshape(-1), self.cols).view(*ids.shape, self.cols)
+        else:
+            out = F.embedding(ids, self.weight)
+        return out if self.scale is None else out.to(self.dtype) * self.scale[ids].unsqueeze(-1).to(self.dtype)
+
+
+def pack_weights(model: nn.Module) -> None:
+    """Lay every bf16 or int8 weight matrix on the CPU out for the native decode kernel."""
+    for module in model.modules():
+        if isinstance(module, Weight):
+            module.pack()
+
+
+class ColumnParallelLinear(Weight):
     """y = x W^T with W's output rows split over ranks; several checkpoint tensors may be fused.
 
     `parts` lists (checkpoint suffix, full rows, this rank's row range) in fused order.
     """
 
     def __init__(self, in_features: int, parts: list[tuple[str, int, tuple[int, int]]], dtype: torch.dtype) -> None:
-        super().__init__()
+        super().__init__(sum(stop - start for _, _, (start, stop) in parts), in_features, dtype)
         self.parts = parts
         self.in_features = in_features
-        rows = sum(stop - start for _, _, (start, stop) in parts)
-        self.weight = nn.Parameter(torch.empty(rows, in_features, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return self.matmul(x)
 
     def specs(self, prefix: str) -> list[WeightSpec]:
         out, offset = [], 0
@@ -80,48 +160,52 @@ class ColumnParallelLinear(nn.Module):
         return out
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(Weight):
     """y = x W^T with W's input columns split over ranks; partial sums are all-reduced."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
-        super().__init__()
+        start, stop = shard_range(in_features)
+        super().__init__(out_features, stop - start, dtype)
         self.in_features = in_features
-        self.start, self.stop = shard_range(in_features)
-        self.weight = nn.Parameter(torch.empty(out_features, self.stop - self.start, dtype=dtype), requires_grad=False)
+        self.start, self.stop = start, stop
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(F.linear(x, self.weight))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+        """residual + all-reduced x W^T (see `linear` for swiglu)."""
+        if tp_size() == 1:
+            return self.matmul(x, residual, swiglu)
+        y = all_reduce(self.matmul(x, swiglu=swiglu))
+        return y if residual is None else residual + y
 
     def specs(self, name: str) -> list[WeightSpec]:
         shape = (self.weight.shape[0], self.in_features)
         return [WeightSpec(f"{name}.weight", shape, self.weight, slice(None), 1, self.start, self.stop)]
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(Weight):
     """Embedding rows split over ranks by vocabulary; the last shard is zero-padded."""
 
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.vocab_size = vocab_size
         per_rank = math.ceil(vocab_size / tp_size())
+        super().__init__(per_rank, dim, dtype)
+        nn.init.zeros_(self.weight)  # the rows past the vocabulary in the last shard stay zero
+        self.vocab_size = vocab_size
         self.start = tp_rank() * per_rank
         self.stop = min(self.start + per_rank, vocab_size)
-        self.weight = nn.Parameter(torch.zeros(per_rank, dim, dtype=dtype), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:
-            return F.embedding(ids, self.weight)
+            return self.rows(ids)
         local = ids - self.start
         outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = self.rows(local.masked_fill(outside, 0))
         return all_reduce(out.masked_fill(outside.unsqueeze(-1), 0))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states times the (vocab-sharded) matrix, gathered to the full vocabulary."""
-        return all_gather_last_dim(F.linear(hidden, self.weight))[..., : self.vocab_size]
+        return all_gather_last_dim(self.matmul(hidden))[..., : self.vocab_size]
 
     def specs(self, name: str) -> list[WeightSpec]:
-        shape = (self.vocab_size, self.weight.shape[1])
+        shape = (self.vocab_size, self.cols)
         rows = slice(0, self.stop - self.start)
         return [WeightSpec(f"{name}.weight", shape, self.weight, rows, 0, self.start, self.stop)]
 
@@ -135,9 +219,8 @@ class SwiGLU(nn.Module):
         )
         self.down_proj = RowParallelLinear(intermediate, hidden, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.down_proj(self.gate_up_proj(x), residual, swiglu=True)
 
     def specs(self, prefix: str) -> list[WeightSpec]:
         return self.gate_up_proj.specs(prefix) + self.down_proj.specs(f"{prefix}.down_proj")
@@ -221,6 +304,20 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float().unsqueeze(-1) * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def split_qkv_rope(
+    qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused projection rows [..., (heads + 2 kv_heads) * d] into q, k, v [..., heads, d], RoPE on q and k."""
+    d = cos.shape[-1]
+    ops = kernels.native(qkv) if qkv.dim() == 2 and cos.dtype == qkv.dtype else None
+    if ops is not None:
+        return tuple(ops.rope_qkv(qkv.contiguous(), cos.contiguous(), sin.contiguous(), heads, kv_heads))
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q = apply_rope(q.unflatten(-1, (heads, d)), cos, sin)
+    k = apply_rope(k.unflatten(-1, (kv_heads, d)), cos, sin)
+    return q, k, v.unflatten(-1, (kv_heads, d))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ from loopcoder.model.layers import (
     SwiGLU,
     VocabParallelEmbedding,
     WeightSpec,
-    apply_rope,
     shard_range,
+    split_qkv_rope,
 )
 from loopcoder.parallel import tp_rank, tp_size
 
@@ -72,11 +72,7 @@ class LoopAttentionLayer(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * d, config.hidden_size, dtype)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        d = self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
-        q = apply_rope(q.unflatten(-1, (self.heads, d)), cos, sin)
-        k = apply_rope(k.unflatten(-1, (self.kv_heads, d)), cos, sin)
-        return q, k, v.unflatten(-1, (self.kv_heads, d))
+        return split_qkv_rope(self.qkv_proj(x), self.heads, self.kv_heads, cos, sin)
 
 
 class LoopGate(nn.Module):
@@ -92,6 +88,11 @@ class LoopGate(nn.Module):
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         logit = (q.float() * self.weight.float()).sum(-1) + self.bias.float()
         return torch.sigmoid(logit).to(q.dtype).unsqueeze(-1)
+
+    def mix(self, q: torch.Tensor, global_out: torch.Tensor, local_out: torch.Tensor) -> torch.Tensor:
+        """g * global + (1 - g) * local, per head."""
+        g = self(q)
+        return g * global_out + (1 - g) * local_out
 
     def specs(self, prefix: str) -> list[WeightSpec]:
         return [
@@ -112,14 +113,9 @@ class DecoderLayer(nn.Module):
         self, h: torch.Tensor, index: int, loop: int, gate: LoopGate, attn: Attention, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         q, k, v = self.self_attn.qkv(self.input_layernorm(h), cos, sin)
-        if loop == 0:
-            mixed = attn.first_loop(index, q, k, v)
-        else:
-            global_out, local_out = attn.later_loop(index, loop, q, k, v)
-            g = gate(q)
-            mixed = g * global_out + (1 - g) * local_out
-        h = h + self.self_attn.o_proj(mixed.flatten(-2))
-        return h + self.mlp(self.post_attention_layernorm(h))
+        mixed = attn.first_loop(index, q, k, v) if loop == 0 else attn.gated_later_loop(index, loop, q, k, v, gate)
+        h = self.self_attn.o_proj(mixed.flatten(-2), residual=h)
+        return self.mlp(self.post_attention_layernorm(h), residual=h)
 
     def specs(self, prefix: str) -> list[WeightSpec]:
         return [

@@ -1,0 +1,733 @@
+// CPU kernels for the few-token (decode) path: skinny bf16/int8/fp32 weight GEMM with the
+// SwiGLU and residual add fused in, int8 quantization, RMSNorm, RoPE, and paged decode
+// attention with the later loops' gate fused in.
+//
+// Decode is bound by how fast the weights stream from memory and, on a small CPU, by the number
+// of small ops per layer. The linear kernel reads each weight row once for all (at most a few
+// dozen) activation rows and accumulates in registers. Work is handed out to threads in tiles
+// of rows through an atomic counter, so a thread slowed down by another process holds the
+// others back as little as possible.
+//
+// Where the plain PyTorch path rounds an intermediate to the activation dtype (bf16), these
+// kernels round it too, so the two paths agree to within the last rounding of each op.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using BF16 = at::BFloat16;
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const BF16* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// v rounded to T, as PyTorch rounds each op's result to the tensor dtype.
+template <typename T>
+inline float rnd(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+// Helper threads that share out the tiles of one call at a time. Unlike an OpenMP parallel region,
+// whose end waits for every thread of the team, the calling thread never waits for a helper that
+// has not started: it claims every tile nobody else has, then waits only for tiles a helper has
+// claimed and not finished. On a machine shared with other processes, where a helper may sit
+// descheduled for a whole time slice, a call then costs at most what it costs on one thread.
+class TilePool {
+ public:
+  static TilePool& get() {
+    static TilePool* pool = new TilePool();  // never destroyed: its helpers live as long as the process
+    return *pool;
+  }
+
+  void run(int64_t n, int64_t helpers, const std::function<void(int64_t)>& body) {
+    grow(helpers);
+    auto job = std::make_shared<Job>(body, n, helpers);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = job;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    work(*job);
+    while (job->done.load(std::memory_order_acquire) < n) _mm_pause();
+  }
+
+ private:
+  struct Job {
+    Job(const std::function<void(int64_t)>& body, int64_t n, int64_t helpers) : body(body), n(n), helpers(helpers) {}
+    const std::function<void(int64_t)>& body;  // only called for a claimed tile, i.e. before `run` returns
+    int64_t n, helpers;
+    std::atomic<int64_t> next{0}, done{0};
+  };
+
+  static void work(Job& job) {
+    for (int64_t t; (t = job.next.fetch_add(1, std::memory_order_relaxed)) < job.n;) {
+      job.body(t);
+      job.done.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void grow(int64_t helpers) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (static_cast<int64_t>(count_) < helpers) std::thread(&TilePool::loop, this, count_++).detach();
+  }
+
+  void loop(size_t index) {
+    uint64_t seen = 0;
+    for (;;) {
+      auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
+      while (generation_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < spin_until)
+        std::this_thread::yield();  // lets the caller's thread run first if it shares this core
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_.load(std::memory_order_relaxed) != seen; });
+        seen = generation_.load(std::memory_order_relaxed);
+        job = job_;
+      }
+      if (static_cast<int64_t>(index) < job->helpers) work(*job);
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::shared_ptr<Job> job_;
+  size_t count_ = 0;
+};
+
+thread_local bool in_tile = false;
+bool use_pool = true;  // TEMP A/B
+
+// Run body(tile) for tiles 0..n-1 on PyTorch's number of threads (one, if `serial`).
+template <typename F>
+void for_each_tile(int64_t n, const F& body, bool serial = false) {
+  int64_t helpers = std::min<int64_t>(at::get_num_threads(), n) - 1;
+  if (serial || helpers <= 0 || in_tile) {
+    for (int64_t t = 0; t < n; ++t) body(t);
+    return;
+  }
+  if (!use_pool) {  // TEMP A/B
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, helpers + 1, 1, [&](int64_t, int64_t) {
+      for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(t);
+    });
+    return;
+  }
+  std::function<void(int64_t)> wrapped = [&](int64_t t) {
+    in_tile = true;
+    body(t);
+    in_tile = false;
+  };
+  TilePool::get().run(n, helpers, wrapped);
+}
+
+// ---- linear: y[M, N] = residual + x[M, K] . w[N, K]^T (* scale[N]) ------------------------------
+//
+// Each weight format has its own inner loop, shaped for cores (like AMD Zen 1) where a 256-bit
+// op is two uops and only two pipes multiply:
+// - bf16: 16 weights per step, loaded as 8 32-bit lanes of (even, odd) pairs. The odd weight is
+//   the lane with its low half masked off, the even one the lane shifted left by 16: widening
+//   costs two cheap ops per 16 weights (the activations are stored split into even and odd
+//   halves to match), where zero-extend-and-shift costs four.
+// - int8: 16 weights per step, sign-extended to int16 and multiplied with the activations in
+//   15-bit fixed point (one scale per 256 of them) by vpmaddwd into int32 sums: one widening op
+//   per 16 weights, against three per 8 for the fp32 route (extend, convert, FMA). The fixed
+//   point rounds an activation more finely than bf16 does unless a value 2^6 times larger sits
+//   in the same 256.
+// - fp32: 8 weights per step, plain FMAs.
+//
+// bf16 and int8 weights may be packed (see `pack`): each group of 8 rows stored as one stream of
+// 16-weight chunks, row after row, so the 8 rows a tile reads come from one contiguous run of
+// memory instead of 8 runs a row apart; the hardware prefetcher keeps up far better.
+
+constexpr int64_t kStep = 16;    // weights per inner step
+constexpr int64_t kGroup = 8;    // rows per packed group
+constexpr int64_t kBlock = 256;  // activations per fixed-point scale (int8 weights)
+
+inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+// Where the 16-weight chunk at column k of row r of a tile starts: base + k * k_mul + r * r_stride.
+template <typename W>
+struct Rows {
+  const W* base;
+  int64_t k_mul, r_stride;
+  inline const W* at(int r, int64_t k) const { return base + k * k_mul + r * r_stride; }
+};
+
+// One call's activations, in the layouts the inner loops read.
+struct Activations {
+  int64_t M, K, width, body, blocks;  // width: K rounded up to kStep; body: the columns the vector loops cover
+  std::vector<float> natural;         // [M, K]
+  std::vector<float> split;           // [M, width]: per 16, the 8 even then the 8 odd values, zero-padded (bf16)
+  std::vector<int16_t> fixed;         // [M, width]: value / fixed_scale, rounded, zero-padded (int8)
+  std::vector<float> fixed_scale;     // [M, blocks]
+};
+
+template <typename T>
+Activations prepare(const T* x, int64_t M, int64_t K, bool swiglu, c10::ScalarType weight_type, bool packed) {
+  int64_t width = round_up(K, kStep), body = packed ? width : K / kStep * kStep;
+  Activations a{M, K, width, body, (body + kBlock - 1) / kBlock, std::vector<float>(M * K), {}, {}, {}};
+  int64_t ld = swiglu ? 2 * K : K;
+  for (int64_t m = 0; m < M; ++m) {
+    const T* row = x + m * ld;
+    float* dst = a.natural.data() + m * K;
+    for (int64_t k = 0; k < K; ++k) {
+      float v = static_cast<float>(row[k]);
+      dst[k] = swiglu ? rnd<T>(rnd<T>(v / (1.0f + std::exp(-v))) * static_cast<float>(row[K + k])) : v;
+    }
+  }
+  auto value = [&](int64_t m, int64_t k) { return k < K ? a.natural[m * K + k] : 0.0f; };
+  if (weight_type == torch::kBFloat16) {
+    a.split.resize(M * width);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < width; k += kStep)
+        for (int64_t i = 0; i < kStep / 2; ++i) {
+          a.split[m * width + k + i] = value(m, k + 2 * i);
+          a.split[m * width + k + kStep / 2 + i] = value(m, k + 2 * i + 1);
+        }
+  } else if (weight_type == torch::kChar) {
+    a.fixed.resize(M * width);
+    a.fixed_scale.resize(M * a.blocks);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t b = 0; b < a.blocks; ++b) {
+        int64_t first = b * kBlock, end = std::min(body, first + kBlock);
+        float top = 0.0f;
+        for (int64_t k = first; k < end; ++k) top = std::max(top, std::fabs(value(m, k)));
+        float s = top > 0.0f ? top / 32767.0f : 1.0f;
+        a.fixed_scale[m * a.blocks + b] = s;
+        for (int64_t k = first; k < end; ++k) a.fixed[m * width + k] = static_cast<int16_t>(std::nearbyint(value(m, k) / s));
+      }
+  }
+  return a;
+}
+
+// Dot products of R weight rows with activation rows m0..m0+MT-1 over the body of K.
+template <int R, int MT>
+inline void dot(const Rows<BF16>& w, const Activations& a, int64_t m0, float (&out)[R][MT]) {
+  const __m256 odd_mask = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  const float* x = a.split.data() + m0 * a.width;
+  __m256 acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < a.body; k += kStep) {
+    __m256 even_x[MT], odd_x[MT];
+    for (int m = 0; m < MT; ++m) {
+      even_x[m] = _mm256_loadu_ps(x + m * a.width + k);
+      odd_x[m] = _mm256_loadu_ps(x + m * a.width + k + kStep / 2);
+    }
+    for (int r = 0; r < R; ++r) {
+      __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.at(r, k)));
+      __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+      __m256 odd = _mm256_and_ps(_mm256_castsi256_ps(pairs), odd_mask);
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(odd, odd_x[m], _mm256_fmadd_ps(even, even_x[m], acc[r][m]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) out[r][m] = hsum(acc[r][m]);
+}
+
+template <int R, int MT>
+inline void dot(const Rows<int8_t>& w, const Activations& a, int64_t m0, float (&out)[R][MT]) {
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) out[r][m] = 0.0f;
+  for (int64_t b = 0; b < a.blocks; ++b) {
+    __m256i acc[R][MT];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_si256();
+    for (int64_t k = b * kBlock; k < std::min(a.body, (b + 1) * kBlock); k += kStep) {
+      __m256i x[MT];
+      for (int m = 0; m < MT; ++m) x[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.fixed.data() + (m0 + m) * a.width + k));
+      for (int r = 0; r < R; ++r) {
+        __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.at(r, k))));
+        for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(wide, x[m]));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MT; ++m) out[r][m] += static_cast<float>(hsum(acc[r][m])) * a.fixed_scale[(m0 + m) * a.blocks + b];
+  }
+}
+
+template <int R, int MT>
+inline void dot(const Rows<float>& w, const Activations& a, int64_t m0, float (&out)[R][MT]) {
+  const float* x = a.natural.data() + m0 * a.K;
+  __m256 acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < a.body; k += 8) {
+    __m256 xv[MT];
+    for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(x + m * a.K + k);
+    for (int r = 0; r < R; ++r) {
+      __m256 wv = _mm256_loadu_ps(w.at(r, k));
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) out[r][m] = hsum(acc[r][m]);
+}
+
+template <typename T>
+struct Epilogue {
+  T* y;
+  const T* residual;
+  const float* scale;
+  int64_t ld;
+
+  inline void store(int64_t m, int64_t n, float v) const {
+    if (scale) v *= scale[n];
+    if (residual) v = static_cast<float>(residual[m * ld + n]) + rnd<T>(v);
+    y[m * ld + n] = static_cast<T>(v);
+  }
+};
+
+// Outputs [m0, m0 + MT) x [n0, n0 + R): the body's dot products, the scalar K tail of unpacked
+// rows (row-major, r_stride apart), the epilogue.
+template <int R, int MT, typename W, typename T>
+inline void tile(const Rows<W>& w, const Activations& a, int64_t m0, int64_t n0, const Epilogue<T>& out) {
+  float s[R][MT];
+  dot<R, MT>(w, a, m0, s);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      for (int64_t k = a.body; k < a.K; ++k) s[r][m] += static_cast<float>(w.base[r * w.r_stride + k]) * a.natural[(m0 + m) * a.K + k];
+      out.store(m0 + m, n0 + r, s[r][m]);
+    }
+}
+
+template <int R, typename W, typename T>
+inline void rows_against_all(const Rows<W>& w, const Activations& a, int64_t n0, const Epilogue<T>& out) {
+  if (R == kGroup && a.M == 1) return tile<R, 1>(w, a, 0, n0, out);  // eight independent sums hide the FMA latency
+  constexpr int kHalf = R == kGroup ? 4 : R;  // at most 8 accumulators, so activations stay in registers
+  for (int h = 0; h < R; h += kHalf) {
+    Rows<W> half{w.base + h * w.r_stride, w.k_mul, w.r_stride};
+    int64_t m = 0;
+    for (; m + 2 <= a.M; m += 2) tile<kHalf, 2>(half, a, m, n0 + h, out);
+    if (m < a.M) tile<kHalf, 1>(half, a, m, n0 + h, out);
+  }
+}
+
+template <typename W, typename T>
+void linear_rows(const W* w, int64_t N, const Activations& a, bool packed, const Epilogue<T>& out) {
+  int64_t ld = packed ? a.width : a.K;  // elements per row (packed rows are padded to a multiple of 16)
+  int64_t grouped = packed ? N / kGroup * kGroup : N / 4 * 4;
+  constexpr int64_t kRows = 32;  // weight rows per work item
+  for_each_tile((N + kRows - 1) / kRows, [&](int64_t t) {
+    int64_t n = t * kRows, end = std::min(N, n + kRows), tiled = std::min(end, grouped);
+    while (n < tiled) {
+      if (packed) {
+        rows_against_all<kGroup>(Rows<W>{w + n * ld, kGroup, kStep}, a, n, out);
+        n += kGroup;
+      } else if (a.M == 1 && n + kGroup <= tiled) {
+        rows_against_all<kGroup>(Rows<W>{w + n * ld, 1, ld}, a, n, out);
+        n += kGroup;
+      } else {
+        rows_against_all<4>(Rows<W>{w + n * ld, 1, ld}, a, n, out);
+        n += 4;
+      }
+    }
+    for (; n < end; ++n) rows_against_all<1>(Rows<W>{w + n * ld, 1, ld}, a, n, out);
+  });
+}
+
+template <typename T>
+void linear_typed(const torch::Tensor& x, const torch::Tensor& w, int64_t K, const float* scale, const T* residual, bool swiglu,
+                  bool packed, torch::Tensor& y) {
+  Activations a = prepare(x.data_ptr<T>(), y.size(0), K, swiglu, w.scalar_type(), packed);
+  Epilogue<T> out{y.data_ptr<T>(), residual, scale, y.size(1)};
+  switch (w.scalar_type()) {
+    case torch::kBFloat16: linear_rows(w.data_ptr<BF16>(), w.size(0), a, packed, out); break;
+    case torch::kChar: linear_rows(w.data_ptr<int8_t>(), w.size(0), a, packed, out); break;
+    case torch::kFloat: linear_rows(w.data_ptr<float>(), w.size(0), a, false, out); break;
+    default: TORCH_CHECK(false, "linear: weight must be bfloat16, int8 or float32");
+  }
+}
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scale,
+                     const c10::optional<torch::Tensor>& residual, bool swiglu, bool packed) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.is_contiguous() && w.is_contiguous(), "linear: contiguous x [M, K] and w [N, K]");
+  int64_t K = swiglu ? x.size(1) / 2 : x.size(1);
+  TORCH_CHECK(w.size(1) == (packed ? round_up(K, kStep) : K), "linear: x and w disagree on K");
+  TORCH_CHECK(!packed || w.scalar_type() != torch::kFloat, "linear: fp32 weights are never packed");
+  TORCH_CHECK(!scale || (scale->scalar_type() == torch::kFloat && scale->is_contiguous()), "linear: scale must be float32");
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  TORCH_CHECK(!residual || (residual->sizes() == y.sizes() && residual->is_contiguous() && residual->scalar_type() == x.scalar_type()),
+              "linear: residual must match the output");
+  const float* s = scale ? scale->data_ptr<float>() : nullptr;
+  if (x.scalar_type() == torch::kBFloat16) {
+    linear_typed<BF16>(x, w, K, s, residual ? residual->data_ptr<BF16>() : nullptr, swiglu, packed, y);
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat, "linear: activations must be bfloat16 or float32");
+    linear_typed<float>(x, w, K, s, residual ? residual->data_ptr<float>() : nullptr, swiglu, packed, y);
+  }
+  return y;
+}
+
+// ---- packing: w [N, K] <-> [N, K rounded up to 16], each full group of 8 rows as 16-wide chunks -----
+
+// Element (n, k) of the packed layout (k < the padded width).
+inline int64_t packed_index(int64_t n, int64_t k, int64_t N, int64_t width) {
+  if (n >= N / kGroup * kGroup) return n * width + k;  // the last partial group stays row-major
+  return (n / kGroup) * kGroup * width + (k / kStep) * kGroup * kStep + (n % kGroup) * kStep + k % kStep;
+}
+
+// Copy each row's 16-wide chunks between the plain [N, K] and packed layouts (zero padding past K).
+template <typename W>
+void repack(const W* src, W* dst, int64_t N, int64_t K, int64_t width, bool to_packed) {
+  for_each_tile(N, [&](int64_t n) {
+    for (int64_t k = 0; k < width; k += kStep) {
+      int64_t p = packed_index(n, k, N, width), count = std::min(kStep, K - k);
+      if (to_packed) {
+        std::copy(src + n * K + k, src + n * K + k + count, dst + p);
+        std::fill(dst + p + count, dst + p + kStep, W(0));
+      } else {
+        std::copy(src + p, src + p + count, dst + n * K + k);
+      }
+    }
+  });
+}
+
+torch::Tensor pack(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "pack: contiguous w [N, K]");
+  int64_t N = w.size(0), K = w.size(1), width = round_up(K, kStep);
+  auto out = torch::empty({N, width}, w.options());
+  if (w.scalar_type() == torch::kBFloat16) repack(w.data_ptr<BF16>(), out.data_ptr<BF16>(), N, K, width, true);
+  else if (w.scalar_type() == torch::kChar) repack(w.data_ptr<int8_t>(), out.data_ptr<int8_t>(), N, K, width, true);
+  else TORCH_CHECK(false, "pack: bfloat16 or int8 weights");
+  return out;
+}
+
+torch::Tensor unpack(const torch::Tensor& p, int64_t K) {
+  TORCH_CHECK(p.dim() == 2 && p.is_contiguous() && p.size(1) == round_up(K, kStep), "unpack: packed [N, K rounded up to 16]");
+  int64_t N = p.size(0);
+  auto out = torch::empty({N, K}, p.options());
+  if (p.scalar_type() == torch::kBFloat16) repack(p.data_ptr<BF16>(), out.data_ptr<BF16>(), N, K, p.size(1), false);
+  else if (p.scalar_type() == torch::kChar) repack(p.data_ptr<int8_t>(), out.data_ptr<int8_t>(), N, K, p.size(1), false);
+  else TORCH_CHECK(false, "unpack: bfloat16 or int8 weights");
+  return out;
+}
+
+torch::Tensor packed_rows(const torch::Tensor& p, const torch::Tensor& ids, int64_t K) {
+  TORCH_CHECK(p.dim() == 2 && p.is_contiguous() && p.size(1) == round_up(K, kStep), "packed_rows: packed [N, K rounded up to 16]");
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kLong, "packed_rows: ids [B] int64");
+  auto idx = ids.contiguous();
+  int64_t B = idx.size(0), N = p.size(0), width = p.size(1);
+  auto out = torch::empty({B, K}, p.options());
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  auto gather = [&](auto* src, auto* dst) {
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(ip[b] >= 0 && ip[b] < N, "packed_rows: id out of range");
+      for (int64_t k = 0; k < K; ++k) dst[b * K + k] = src[packed_index(ip[b], k, N, width)];
+    }
+  };
+  if (p.scalar_type() == torch::kBFloat16) gather(p.data_ptr<BF16>(), out.data_ptr<BF16>());
+  else if (p.scalar_type() == torch::kChar) gather(p.data_ptr<int8_t>(), out.data_ptr<int8_t>());
+  else TORCH_CHECK(false, "packed_rows: bfloat16 or int8 weights");
+  return out;
+}
+
+// ---- int8 quantization: w[N, K] = scale[N] * q[N, K] ---------------------------------------------
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Per row: scale = max|w| / 127 (1 for an all-zero row), q = w / scale rounded to nearest even,
+// exactly as the PyTorch fallback computes it.
+template <typename W>
+void quantize_rows(const W* w, int8_t* q, float* scale, int64_t N, int64_t K) {
+  constexpr int64_t kRows = 64;
+  const __m256 sign = _mm256_set1_ps(-0.0f), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  for_each_tile((N + kRows - 1) / kRows, [&](int64_t t) {
+    for (int64_t n = t * kRows; n < std::min(N, (t + 1) * kRows); ++n) {
+      const W* row = w + n * K;
+      int8_t* out = q + n * K;
+      int64_t body = K / 8 * 8;
+      __m256 top8 = _mm256_setzero_ps();
+      for (int64_t k = 0; k < body; k += 8) top8 = _mm256_max_ps(top8, _mm256_andnot_ps(sign, load8(row + k)));
+      float top = hmax(top8);
+      for (int64_t k = body; k < K; ++k) top = std::max(top, std::fabs(static_cast<float>(row[k])));
+      float s = top > 0.0f ? top / 127.0f : 1.0f;
+      scale[n] = s;
+      __m256 sv = _mm256_set1_ps(s);
+      for (int64_t k = 0; k < body; k += 8) {
+        __m256 r = _mm256_round_ps(_mm256_div_ps(load8(row + k), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256i i32 = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+        __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packs_epi16(i16, i16));
+      }
+      for (int64_t k = body; k < K; ++k) out[k] = static_cast<int8_t>(std::clamp(std::nearbyint(static_cast<float>(row[k]) / s), -127.0f, 127.0f));
+    }
+  });
+}
+
+std::vector<torch::Tensor> quantize_int8(const torch::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "quantize_int8: contiguous w [N, K]");
+  auto q = torch::empty(w.sizes(), w.options().dtype(torch::kChar));
+  auto scale = torch::empty({w.size(0)}, w.options().dtype(torch::kFloat));
+  if (w.scalar_type() == torch::kBFloat16) {
+    quantize_rows(w.data_ptr<BF16>(), q.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(0), w.size(1));
+  } else {
+    TORCH_CHECK(w.scalar_type() == torch::kFloat, "quantize_int8: bfloat16 or float32");
+    quantize_rows(w.data_ptr<float>(), q.data_ptr<int8_t>(), scale.data_ptr<float>(), w.size(0), w.size(1));
+  }
+  return {q, scale};
+}
+
+// ---- RMSNorm and RoPE -------------------------------------------------------------------------
+
+template <typename T>
+void rms_norm_typed(const T* x, const T* w, T* y, int64_t M, int64_t K, float eps) {
+  constexpr int64_t kRows = 8;
+  for_each_tile((M + kRows - 1) / kRows, [&](int64_t t) {
+    for (int64_t m = t * kRows; m < std::min(M, (t + 1) * kRows); ++m) {
+      const T* row = x + m * K;
+      float ss = 0.0f;
+      for (int64_t k = 0; k < K; ++k) ss += static_cast<float>(row[k]) * static_cast<float>(row[k]);
+      float r = 1.0f / std::sqrt(ss / K + eps);
+      for (int64_t k = 0; k < K; ++k) y[m * K + k] = static_cast<T>(static_cast<float>(w[k]) * rnd<T>(static_cast<float>(row[k]) * r));
+    }
+  });
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(0), "rms_norm: x [M, K], w [K]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and w must share a dtype");
+  auto y = torch::empty_like(x);
+  if (x.scalar_type() == torch::kBFloat16) {
+    rms_norm_typed(x.data_ptr<BF16>(), w.data_ptr<BF16>(), y.data_ptr<BF16>(), x.size(0), x.size(1), static_cast<float>(eps));
+  } else {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat, "rms_norm: bfloat16 or float32");
+    rms_norm_typed(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1), static_cast<float>(eps));
+  }
+  return y;
+}
+
+// One head: dst = src * cos + rotate_half(src) * sin, each product and the sum rounded to T.
+template <typename T>
+inline void rope_head(const T* src, const T* cos, const T* sin, T* dst, int64_t D) {
+  int64_t half = D / 2;
+  for (int64_t d = 0; d < D; ++d) {
+    float rot = d < half ? -static_cast<float>(src[d + half]) : static_cast<float>(src[d - half]);
+    float a = rnd<T>(static_cast<float>(src[d]) * static_cast<float>(cos[d]));
+    float b = rnd<T>(rot * static_cast<float>(sin[d]));
+    dst[d] = static_cast<T>(a + b);
+  }
+}
+
+template <typename T>
+void rope_qkv_typed(const T* qkv, const T* cos, const T* sin, T* q, T* k, T* v, int64_t M, int64_t H, int64_t KVH, int64_t D) {
+  int64_t width = (H + 2 * KVH) * D;
+  for (int64_t m = 0; m < M; ++m) {
+    const T* row = qkv + m * width;
+    const T* c = cos + m * D;
+    const T* s = sin + m * D;
+    for (int64_t h = 0; h < H; ++h) rope_head(row + h * D, c, s, q + (m * H + h) * D, D);
+    for (int64_t h = 0; h < KVH; ++h) rope_head(row + (H + h) * D, c, s, k + (m * KVH + h) * D, D);
+    std::copy(row + (H + KVH) * D, row + width, v + m * KVH * D);
+  }
+}
+
+std::vector<torch::Tensor> rope_qkv(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t H, int64_t KVH) {
+  int64_t M = qkv.size(0), D = cos.size(1);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (H + 2 * KVH) * D, "rope_qkv: qkv [M, (H + 2 KVH) D]");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == M && sin.sizes() == cos.sizes(), "rope_qkv: cos/sin [M, D]");
+  TORCH_CHECK(cos.scalar_type() == qkv.scalar_type() && sin.scalar_type() == qkv.scalar_type(), "rope_qkv: one dtype");
+  auto q = torch::empty({M, H, D}, qkv.options());
+  auto k = torch::empty({M, KVH, D}, qkv.options());
+  auto v = torch::empty({M, KVH, D}, qkv.options());
+  if (qkv.scalar_type() == torch::kBFloat16) {
+    rope_qkv_typed(qkv.data_ptr<BF16>(), cos.data_ptr<BF16>(), sin.data_ptr<BF16>(), q.data_ptr<BF16>(), k.data_ptr<BF16>(),
+                   v.data_ptr<BF16>(), M, H, KVH, D);
+  } else {
+    TORCH_CHECK(qkv.scalar_type() == torch::kFloat, "rope_qkv: bfloat16 or float32");
+    rope_qkv_typed(qkv.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(),
+                   v.data_ptr<float>(), M, H, KVH, D);
+  }
+  return {q, k, v};
+}
+
+// ---- paged decode attention -------------------------------------------------------------------
+
+// Where one sequence's keys/values live: flat cache [S, KVH, D] and its block table.
+template <typename T>
+struct PagedKV {
+  const T* keys;
+  const T* values;
+  const int64_t* table;  // [B, table_width]
+  int64_t table_width, block_size, kv_heads, head_dim;
+
+  inline int64_t offset(int64_t b, int64_t pos, int64_t kvh) const {
+    int64_t slot = table[b * table_width + pos / block_size] * block_size + pos % block_size;
+    return (slot * kv_heads + kvh) * head_dim;
+  }
+};
+
+// softmax(q k^T * scale) v for the G query heads sharing KV head kvh, over positions [first, last].
+template <typename T>
+void attend_positions(const float* q, int64_t G, const PagedKV<T>& kv, int64_t b, int64_t kvh, int64_t first, int64_t last,
+                      float scale, std::vector<float>& scores, float* out) {
+  int64_t D = kv.head_dim, n = last - first + 1;
+  scores.resize(G * n);
+  for (int64_t j = 0; j < n; ++j) {
+    const T* key = kv.keys + kv.offset(b, first + j, kvh);
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(load8(key + d), _mm256_loadu_ps(q + g * D + d), acc);
+      scores[g * n + j] = hsum(acc) * scale;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* s = scores.data() + g * n;
+    float top = *std::max_element(s, s + n), total = 0.0f;
+    for (int64_t j = 0; j < n; ++j) total += (s[j] = std::exp(s[j] - top));
+    for (int64_t j = 0; j < n; ++j) s[j] /= total;
+  }
+  std::fill(out, out + G * D, 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    const T* value = kv.values + kv.offset(b, first + j, kvh);
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 vv = load8(value + d);
+      for (int64_t g = 0; g < G; ++g) {
+        float* o = out + g * D + d;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(scores[g * n + j]), vv, _mm256_loadu_ps(o)));
+      }
+    }
+  }
+}
+
+template <typename T>
+PagedKV<T> paged(const torch::Tensor& keys, const torch::Tensor& values, const torch::Tensor& table, int64_t block_size) {
+  TORCH_CHECK(keys.dim() == 3 && keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes(), "keys/values [S, KVH, D]");
+  TORCH_CHECK(table.dim() == 2 && table.is_contiguous() && table.scalar_type() == torch::kLong, "block table [B, blocks] int64");
+  return {keys.data_ptr<T>(), values.data_ptr<T>(), table.data_ptr<int64_t>(), table.size(1), block_size, keys.size(1), keys.size(2)};
+}
+
+inline int64_t window_start(int64_t pos, int64_t window) { return window > 0 ? std::max<int64_t>(pos - window + 1, 0) : 0; }
+
+// Decode queries q[rows[b]] at positions[b] over the keys at positions window_start..pos of `kv`.
+// With `local` and a gate (a later loop): g * that + (1 - g) * the window over `local`.
+template <typename T>
+torch::Tensor decode_attention_typed(const torch::Tensor& q, const torch::Tensor& rows, const torch::Tensor& positions, const PagedKV<T>& kv,
+                                     int64_t kv_window, const PagedKV<T>* local, int64_t window, const T* gate_w, const T* gate_b) {
+  int64_t B = rows.size(0), H = q.size(1), D = q.size(2), KVH = kv.kv_heads, G = H / KVH;
+  auto out = torch::empty({B, H, D}, q.options());
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  int64_t keys = 0;  // keys read in all: below ~a million multiply-adds a thread hand-off costs more than it saves
+  for (int64_t b = 0; b < B; ++b) keys += pp[b] - window_start(pp[b], kv_window) + 1 + (local ? std::min(pp[b] + 1, window) : 0);
+  bool serial = keys * H * D < (1 << 20);
+  for_each_tile(B * KVH, [&](int64_t item) {
+    int64_t b = item / KVH, kvh = item % KVH, pos = pp[b];
+    std::vector<float> qf(G * D), a(G * D), l(local ? G * D : 0), scores;
+    const T* qrow = qp + (rp[b] * H + kvh * G) * D;
+    for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(qrow[i]);
+    attend_positions(qf.data(), G, kv, b, kvh, window_start(pos, kv_window), pos, scale, scores, a.data());
+    T* dst = op + (b * H + kvh * G) * D;
+    if (!local) {
+      for (int64_t i = 0; i < G * D; ++i) dst[i] = static_cast<T>(a[i]);
+      return;
+    }
+    attend_positions(qf.data(), G, *local, b, kvh, window_start(pos, window), pos, scale, scores, l.data());
+    for (int64_t g = 0; g < G; ++g) {
+      int64_t h = kvh * G + g;
+      float logit = static_cast<float>(gate_b[h]);
+      for (int64_t d = 0; d < D; ++d) logit += qf[g * D + d] * static_cast<float>(gate_w[h * D + d]);
+      float gate = rnd<T>(1.0f / (1.0f + std::exp(-logit))), rest = rnd<T>(1.0f - gate);
+      for (int64_t d = 0; d < D; ++d) {
+        int64_t i = g * D + d;
+        dst[i] = static_cast<T>(rnd<T>(gate * rnd<T>(a[i])) + rnd<T>(rest * rnd<T>(l[i])));
+      }
+    }
+  }, serial);
+  return out;
+}
+
+void check_queries(const torch::Tensor& q, const torch::Tensor& rows, const torch::Tensor& positions, const torch::Tensor& keys) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.size(2) % 8 == 0, "q [N, H, D] with D a multiple of 8");
+  TORCH_CHECK(keys.scalar_type() == q.scalar_type() && keys.size(2) == q.size(2) && q.size(1) % keys.size(1) == 0, "q and cache disagree");
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && positions.scalar_type() == torch::kLong && rows.is_contiguous() &&
+              positions.is_contiguous() && rows.size(0) == positions.size(0), "rows/positions [B] int64");
+}
+
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& rows, const torch::Tensor& positions, const torch::Tensor& keys,
+                               const torch::Tensor& values, const torch::Tensor& table, int64_t block_size, int64_t window) {
+  check_queries(q, rows, positions, keys);
+  if (q.scalar_type() == torch::kBFloat16)
+    return decode_attention_typed<BF16>(q, rows, positions, paged<BF16>(keys, values, table, block_size), window, nullptr, 0, nullptr, nullptr);
+  TORCH_CHECK(q.scalar_type() == torch::kFloat, "decode_attention: bfloat16 or float32");
+  return decode_attention_typed<float>(q, rows, positions, paged<float>(keys, values, table, block_size), window, nullptr, 0, nullptr, nullptr);
+}
+
+template <typename T>
+torch::Tensor gated_typed(const torch::Tensor& q, const torch::Tensor& rows, const torch::Tensor& positions, const torch::Tensor& keys,
+                          const torch::Tensor& values, const torch::Tensor& table, const torch::Tensor& local_keys,
+                          const torch::Tensor& local_values, const torch::Tensor& local_table, int64_t block_size, int64_t window,
+                          const torch::Tensor& gate_w, const torch::Tensor& gate_b) {
+  PagedKV<T> local = paged<T>(local_keys, local_values, local_table, block_size);
+  return decode_attention_typed<T>(q, rows, positions, paged<T>(keys, values, table, block_size), 0, &local, window, gate_w.data_ptr<T>(),
+                                   gate_b.data_ptr<T>());
+}
+
+torch::Tensor gated_decode_attention(const torch::Tensor& q, const torch::Tensor& rows, const torch::Tensor& positions,
+                                     const torch::Tensor& keys, const torch::Tensor& values, const torch::Tensor& table,
+                                     const torch::Tensor& local_keys, const torch::Tensor& local_values, const torch::Tensor& local_table,
+                                     int64_t block_size, int64_t window, const torch::Tensor& gate_w, const torch::Tensor& gate_b) {
+  check_queries(q, rows, positions, keys);
+  TORCH_CHECK(local_keys.dim() == 3 && local_keys.size(1) == keys.size(1) && local_keys.size(2) == keys.size(2), "local cache [S, KVH, D]");
+  TORCH_CHECK(gate_w.is_contiguous() && gate_w.size(0) == q.size(1) && gate_w.size(1) == q.size(2) && gate_b.is_contiguous() && gate_b.size(0) == q.size(1) &&
+              gate_w.scalar_type() == q.scalar_type() && gate_b.scalar_type() == q.scalar_type(), "gate [H, D] and [H] in q's dtype");
+  if (q.scalar_type() == torch::kBFloat16)
+    return gated_typed<BF16>(q, rows, positions, keys, values, table, local_keys, local_values, local_table, block_size, window, gate_w, gate_b);
+  TORCH_CHECK(q.scalar_type() == torch::kFloat, "gated_decode_attention: bfloat16 or float32");
+  return gated_typed<float>(q, rows, positions, keys, values, table, local_keys, local_values, local_table, block_size, window, gate_w, gate_b);
+}
+
+}  // namespace
+
+void set_pool(bool on) { use_pool = on; }  // TEMP A/B
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_pool", &set_pool);  // TEMP A/B
+  m.def("linear", &linear, "residual + x . w^T (* scale), x optionally [gate | up] for SwiGLU", py::arg("x"), py::arg("w"),
+        py::arg("scale") = py::none(), py::arg("residual") = py::none(), py::arg("swiglu") = false, py::arg("packed") = false);
+  m.def("pack", &pack, "weight rows laid out for the linear kernel (groups of 8 rows in 16-wide chunks)");
+  m.def("unpack", &unpack, "the plain [N, K] weight back from `pack`'s layout");
+  m.def("packed_rows", &packed_rows, "rows ids of a packed weight, in the plain layout (an embedding lookup)");
+  m.def("quantize_int8", &quantize_int8, "per-row symmetric int8: (q, scale) with w = scale[:, None] * q");
+  m.def("rms_norm", &rms_norm, "RMSNorm over the last dim");
+  m.def("rope_qkv", &rope_qkv, "split fused qkv rows into q, k, v with RoPE applied to q and k");
+  m.def("decode_attention", &decode_attention, "attention of one new token per sequence over a paged cache (window 0: all earlier keys)");
+  m.def("gated_decode_attention", &gated_decode_attention, "a later loop's gated mix of global and window attention, one token per sequence");
+}

@@ -1,0 +1,231 @@
+"""The fast paths compute what the plain PyTorch path computes, within the dtype's tolerance.
+
+Native CPU kernels (skinny GEMM with fused SwiGLU/residual, int8 weights, RMSNorm, RoPE, paged
+decode attention with the gate fused in), the widened bf16 GEMM for many rows, and int8
+weights against a dequantized reference. Speed is a benchmark figure (benchmarks/run.py), never
+a test. bf16 tolerance: the fast path may differ from the plain path by no more than the plain
+path differs from an fp32 run of the same weights (plus a small floor).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import PagedHarness
+from loopcoder import kernels
+from loopcoder.config import LoopCoderConfig
+from loopcoder.model.layers import linear, split_qkv_rope
+from loopcoder.model.loopcoder import LoopCoderForCausalLM
+from loopcoder.quantization import quantize_int8, quantize_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ops():
+    module = kernels.load()
+    if module is None:
+        pytest.skip("native CPU kernels unavailable on this machine")
+    print(f"\nnative kernels built or loaded in {kernels.load_seconds():.1f} s")
+    return module
+
+
+def rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def near(got: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, fp32_ulp: float = 1e-5) -> bool:
+    """Within one rounding of the output dtype at its largest value (fp32: `fp32_ulp`) of the float64 result."""
+    ulp = fp32_ulp if dtype == torch.float32 else 2**-7
+    return bool((got.double() - exact).abs().max() <= ulp * max(1.0, exact.abs().max().item()))
+
+
+def plain_linear(*args, **kwargs) -> torch.Tensor:
+    with kernels.plain():
+        return linear(*args, **kwargs)
+
+
+# -- ops ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 32])
+@pytest.mark.parametrize("k", [96, 100])
+def test_skinny_linear(dtype: torch.dtype, rows: int, k: int) -> None:
+    """Any row count up to the threshold, K with and without a tail of < 8, weight rows not a multiple of 4 or 16."""
+    x, w = rand(rows, k, dtype=dtype), rand(37, k, dtype=dtype, seed=1) / 8
+    exact = x.double() @ w.double().T
+    assert near(linear(x, w), exact, dtype) and near(plain_linear(x, w), exact, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_packed_layout_round_trips(ops, dtype: torch.dtype) -> None:
+    """19 rows (two groups of 8 and a row-major tail of 3), 100 columns (padded to 112)."""
+    w = (rand(19, 100, seed=7) * 40).to(dtype)
+    packed = ops.pack(w)
+    assert packed.shape == (19, 112)
+    assert torch.equal(ops.unpack(packed, 100), w)
+    ids = torch.tensor([0, 7, 8, 15, 16, 18, 3])
+    assert torch.equal(ops.packed_rows(packed, ids, 100), w[ids])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 32, 40])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_packed_linear(ops, rows: int, quantized: bool) -> None:
+    """Packed bf16 or int8 weights (native kernel up to the threshold, unpacked GEMM above) against the plain path."""
+    w, x, res = rand(19, 100, dtype=torch.bfloat16, seed=8) / 8, rand(rows, 100, dtype=torch.bfloat16, seed=9), rand(rows, 19, seed=10)
+    scale = None
+    if quantized:
+        w, scale = quantize_int8(w)
+    res = res.to(torch.bfloat16)
+    got = linear(x, ops.pack(w), scale, residual=res, packed=True)
+    exact = res.double() + x.double() @ (w.double() if scale is None else w.double() * scale.double()[:, None]).T
+    assert near(got, exact, torch.bfloat16) and near(plain_linear(x, w, scale, residual=res), exact, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_swiglu_and_residual(dtype: torch.dtype) -> None:
+    x, w, res = rand(4, 2, 160, dtype=dtype), rand(24, 80, dtype=dtype, seed=1) / 8, rand(4, 2, 24, dtype=dtype, seed=2)
+    fast = linear(x, w, residual=res, swiglu=True)
+    plain = plain_linear(x, w, residual=res, swiglu=True)
+    assert fast.shape == plain.shape == (4, 2, 24)
+    assert torch.allclose(fast.float(), plain.float(), atol=1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_many_rows_widen_bf16_to_fp32() -> None:
+    """Above the skinny threshold a bf16 weight runs as an fp32 GEMM: as exact as bf16's own GEMM or better."""
+    x, w = rand(100, 64, dtype=torch.bfloat16), rand(48, 64, dtype=torch.bfloat16, seed=1) / 8
+    exact = x.double() @ w.double().T
+    assert (linear(x, w).double() - exact).abs().max() <= (F.linear(x, w).double() - exact).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_quantization_matches_torch_and_dequantized_reference(dtype: torch.dtype) -> None:
+    w = rand(70, 96, dtype=dtype, seed=3)
+    w[5] = 0  # an all-zero row gets scale 1
+    q, scale = quantize_int8(w)
+    with kernels.plain():
+        q_ref, scale_ref = quantize_int8(w)
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    assert q.dtype == torch.int8 and q.abs().max() == 127 and scale[5] == 1
+    assert ((q.float() * scale[:, None] - w.float()).abs() <= scale[:, None] / 2 + 1e-6).all()
+    dequantized = q.double() * scale.double()[:, None]
+    for rows in (1, 7, 50):  # native kernel, and the widened GEMM above the threshold
+        x = rand(rows, 96, dtype=dtype, seed=rows)
+        exact = x.double() @ dequantized.T
+        # The native int8 kernel takes activations in 15-bit fixed point: finer than bf16, coarser than fp32.
+        assert near(linear(x, q, scale), exact, dtype, fp32_ulp=2**-13) and near(plain_linear(x, q, scale), exact, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_rope(dtype: torch.dtype) -> None:
+    from loopcoder.model.layers import RMSNorm, RotaryEmbedding
+
+    norm = RMSNorm(64, 1e-5, dtype)
+    norm.weight.data = rand(64, dtype=dtype, seed=4)
+    x = rand(9, 64, dtype=dtype, seed=5)
+    with kernels.plain():
+        expected = norm(x)
+    ulp = 1e-6 if dtype == torch.float32 else 2 ** -7
+    assert torch.allclose(norm(x).float(), expected.float(), rtol=ulp, atol=ulp)
+
+    qkv = rand(9, (4 + 2 * 2) * 16, dtype=dtype, seed=6)
+    cos, sin = RotaryEmbedding(16, 10000.0, None, 128).cos_sin(torch.arange(3, 12), dtype)
+    fast = split_qkv_rope(qkv, 4, 2, cos, sin)
+    with kernels.plain():
+        plain = split_qkv_rope(qkv, 4, 2, cos, sin)
+    for a, b in zip(fast, plain, strict=True):
+        assert a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=4 * ulp)
+
+
+# -- whole model over the paged engine --------------------------------------------------------------
+
+
+def tiny_model(dtype: torch.dtype, loop_num: int = 2, window: int = 5, seed: int = 0) -> LoopCoderForCausalLM:
+    """Random weights with random gates (both branches matter), head_dim 16 (the decode attention kernel's case)."""
+    config = LoopCoderConfig.from_dict({
+        "model_type": "iquestloopcoder", "vocab_size": 101, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "loop_num": loop_num, "loop_window_size": window, "torch_dtype": "float32",
+    })
+    model = LoopCoderForCausalLM(config, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        w = torch.randn(p.shape, generator=gen) * (0.3 if "norm" in name else 0.15) + (1.0 if "norm" in name else 0.0)
+        p.data = w.to(dtype)
+    return model.eval()
+
+
+def run_engine(model: LoopCoderForCausalLM, prompt: list[int], chunk: int, decodes: int, plain: bool) -> torch.Tensor:
+    """Logits of a chunked prefill and then one-token steps, the whole prompt fed back (teacher forcing)."""
+    harness = PagedHarness(model, num_blocks=64, block_size=4)
+    ids = prompt + [(7 * i + 3) % 101 for i in range(decodes)]
+    seq = harness.new(ids)
+    parts = []
+    with kernels.plain() if plain else nullcontext():
+        while seq.num_computed < len(ids):
+            n = min(chunk if seq.num_computed < len(prompt) else 1, len(ids) - seq.num_computed)
+            parts += harness.step([seq], [n])
+    return torch.cat(parts)
+
+
+PROMPT = [5, 17, 33, 2, 90, 41, 8, 64, 12, 77, 3, 50]
+
+
+@pytest.mark.parametrize("loop_num", [2, 3])
+def test_fp32_model_fast_equals_plain(loop_num: int) -> None:
+    model = tiny_model(torch.float32, loop_num)
+    fast = run_engine(model, PROMPT, 5, 12, plain=False)
+    plain = run_engine(model, PROMPT, 5, 12, plain=True)
+    assert (fast - plain).abs().max() < 1e-4
+    with torch.no_grad():
+        dense = model.forward_dense(torch.tensor([PROMPT + [(7 * i + 3) % 101 for i in range(12)]]))[0]
+    assert (fast - dense).abs().max() < 1e-4
+
+
+def test_bf16_model_fast_within_bf16_tolerance() -> None:
+    reference = run_engine(tiny_model(torch.float32), PROMPT, 5, 12, plain=True)
+    model = tiny_model(torch.bfloat16)
+    fast = run_engine(model, PROMPT, 5, 12, plain=False)
+    plain = run_engine(model, PROMPT, 5, 12, plain=True)
+    bf16_error = (plain - reference).abs().max()
+    assert (fast - plain).abs().max() <= 2 * bf16_error + 1e-2
+    assert (fast - reference).abs().max() <= 2 * bf16_error + 1e-2
+
+
+def test_batched_decode_rows_are_independent() -> None:
+    """A decode batch of sequences at different lengths gives each the logits it gets alone (fp32)."""
+    model = tiny_model(torch.float32)
+    prompts = [PROMPT, PROMPT[:4], PROMPT[:9]]
+    alone = [run_engine(model, p, 100, 6, plain=False)[-6:] for p in prompts]
+    harness = PagedHarness(model, num_blocks=64, block_size=4)
+    seqs = [harness.new(p + [(7 * i + 3) % 101 for i in range(6)]) for p in prompts]
+    for seq, p in zip(seqs, prompts, strict=True):
+        harness.step([seq], [len(p)])
+    got = [[] for _ in seqs]
+    for _ in range(6):
+        for i, out in enumerate(harness.step(seqs, [1] * len(seqs))):
+            got[i].append(out)
+    for mine, ref in zip(got, alone, strict=True):
+        assert (torch.cat(mine) - ref).abs().max() < 1e-5
+
+
+def test_int8_model_equals_its_dequantized_reference() -> None:
+    """An int8 model computes what an fp32 model holding the dequantized weights computes: the plain path to
+    fp32 rounding, the native kernel (15-bit fixed-point activations) to a small part of what int8 itself changes."""
+    model = tiny_model(torch.float32, seed=1)
+    reference = tiny_model(torch.float32, seed=1)
+    unquantized = run_engine(reference, PROMPT, 5, 8, plain=True)
+    quantize_model(model, "int8")
+    quantized = {name: m for name, m in model.named_modules() if isinstance(getattr(m, "scale", None), torch.Tensor)}
+    assert len(quantized) == 2 * 4 + 2  # qkv, o, gate_up, down per layer; embedding; head
+    for name, module in reference.named_modules():
+        if name in quantized:
+            module.weight.data = quantized[name].weight.float() * quantized[name].scale[:, None]
+    fast = run_engine(model, PROMPT, 5, 8, plain=False)
+    plain = run_engine(model, PROMPT, 5, 8, plain=True)
+    expected = run_engine(reference, PROMPT, 5, 8, plain=True)
+    assert (plain - expected).abs().max() < 1e-4
+    assert (fast - expected).abs().max() < 0.05 * (unquantized - expected).abs().max()
