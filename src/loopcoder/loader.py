@@ -98,7 +98,8 @@ class SafetensorsFile:
         stop = shape[dim] if stop is None else stop
         first, last = (start, stop) if dim == 0 else (0, shape[0])
         rows = (last - first, *shape[1:])
-        direct = out is not None and dim == 0 and out.dtype == entry.dtype and out.is_contiguous() and out.numel() == math.prod(rows)
+        whole = dim == 0 or (start == 0 and stop == shape[dim])  # a column "slice" of every column is the whole tensor
+        direct = out is not None and whole and out.dtype == entry.dtype and out.is_contiguous() and out.numel() == math.prod(rows)
         buffer = out.view(rows) if direct else torch.empty(rows, dtype=entry.dtype)
         row_bytes = math.prod(shape[1:]) * buffer.element_size()
         with open(self.path, "rb", buffering=0) as f:

@@ -25,7 +25,8 @@ import torch
 SKINNY_ROWS = 32
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+_NATIVE_DTYPES = (torch.bfloat16, torch.float32)
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread"]
 _state: dict = {"enabled": os.environ.get("LOOPCODER_KERNELS", "1") != "0", "module": None, "tried": False, "seconds": None}
 
 
@@ -39,7 +40,7 @@ def load() -> ModuleType | None:
             start = time.perf_counter()
             try:
                 _state["module"] = build(
-                    name="loopcoder_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"]
+                    name="loopcoder_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-pthread"]
                 )
             except Exception as e:  # noqa: BLE001 - any build failure leaves the plain path, which is always correct
                 warnings.warn(f"loopcoder: native CPU kernels unavailable, using plain PyTorch ({e})", stacklevel=2)
@@ -56,12 +57,14 @@ def load_seconds() -> float | None:
 
 def enabled(x: torch.Tensor) -> bool:
     """Whether `x` may take a fast path at all (on the CPU and not switched off)."""
-    return _state["enabled"] and x.device.type == "cpu"
+    return _state["enabled"] and x.is_cpu
 
 
 def native(x: torch.Tensor) -> ModuleType | None:
-    """The kernels module when an op on `x` (bf16 or fp32) should use it, else None."""
-    return load() if enabled(x) and x.dtype in (torch.bfloat16, torch.float32) else None
+    """The kernels module when an op on `x` (bf16 or fp32) should use it, else None (called per op: kept cheap)."""
+    if not (_state["enabled"] and x.is_cpu and x.dtype in _NATIVE_DTYPES):
+        return None
+    return _state["module"] if _state["tried"] else load()
 
 
 @contextmanager

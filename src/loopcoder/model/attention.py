@@ -137,7 +137,14 @@ class PagedAttention:
         self.meta = meta
 
     def first_loop(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self._write(self.cache.global_kv(layer), self.meta.write_global, k, v)
+        keys, values = self.cache.global_kv(layer)
+        group = self.meta.decode
+        ops = _native(q) if group is not None and group.only else None
+        if ops is not None:  # a decode step: one native call writes the new keys/values and attends
+            return ops.decode_attention(
+                q, group.tokens, group.positions, keys, values, group.global_table, group.block_size, 0, k.contiguous(), v.contiguous()
+            )
+        self._write((keys, values), self.meta.write_global, k, v)
         return self._each_part(q, lambda group: self._decode(q, group, layer, 0), lambda qs, span: self._global(qs, span, layer))
 
     def later_loop(self, layer: int, loop: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,12 +158,11 @@ class PagedAttention:
         ops = _native(q) if group is not None and group.only else None
         if ops is None:
             return gate.mix(q, *self.later_loop(layer, loop, q, k, v))
-        self._write(self.cache.local_kv(loop, layer), self.meta.write_local, k, v)
         k0, v0 = self.cache.global_kv(layer)
         k1, v1 = self.cache.local_kv(loop, layer)
         return ops.gated_decode_attention(
             q, group.tokens, group.positions, k0, v0, group.global_table, k1, v1, group.local_table,
-            group.block_size, group.window, gate.weight, gate.bias,
+            group.block_size, group.window, gate.weight, gate.bias, k.contiguous(), v.contiguous(),
         )
 
     @staticmethod

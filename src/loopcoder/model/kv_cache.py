@@ -32,12 +32,15 @@ class KVCache:
         local_shape = (2, later, layers, num_local_blocks * block_size, kv_heads, config.head_dim)
         self.global_state = torch.zeros(global_shape, dtype=dtype, device=device)
         self.local_state = torch.zeros(local_shape, dtype=dtype, device=device)
+        # Each layer's (keys, values) views, made once: every decode step asks for them per layer and loop.
+        self._global = [(self.global_state[0, i], self.global_state[1, i]) for i in range(layers)]
+        self._local = [[(self.local_state[0, j, i], self.local_state[1, j, i]) for i in range(layers)] for j in range(later)]
 
     def global_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.global_state[0, layer], self.global_state[1, layer]
+        return self._global[layer]
 
     def local_kv(self, loop: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.local_state[0, loop - 1, layer], self.local_state[1, loop - 1, layer]
+        return self._local[loop - 1][layer]
 
 
 def kv_heads_per_rank(config: LoopCoderConfig) -> int:

@@ -50,6 +50,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = kernels.native(x)
         if ops is not None:
+            if x.dim() == 2 and x.is_contiguous():
+                return ops.rms_norm(x, self.weight, self.eps)
             return ops.rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.eps).view(x.shape)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -71,6 +73,8 @@ def linear(
     rows = x.numel() // x.shape[-1]
     ops = kernels.native(x) if rows <= kernels.SKINNY_ROWS else None
     if ops is not None:
+        if x.dim() == 2 and x.is_contiguous() and (residual is None or residual.is_contiguous()):  # decode: no reshapes
+            return ops.linear(x, weight, scale, residual, swiglu, packed)
         out_features = weight.shape[0]
         flat = None if residual is None else residual.reshape(rows, out_features).contiguous()
         y = ops.linear(x.reshape(rows, x.shape[-1]).contiguous(), weight, scale, flat, swiglu, packed)
@@ -187,10 +191,10 @@ class VocabParallelEmbedding(Weight):
     def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype) -> None:
         per_rank = math.ceil(vocab_size / tp_size())
         super().__init__(per_rank, dim, dtype)
-        nn.init.zeros_(self.weight)  # the rows past the vocabulary in the last shard stay zero
         self.vocab_size = vocab_size
         self.start = tp_rank() * per_rank
         self.stop = min(self.start + per_rank, vocab_size)
+        self.weight.data[max(self.stop - self.start, 0) :].zero_()  # rows past the vocabulary (last shard) stay zero
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:
