@@ -1,9 +1,10 @@
 """Does int8 change what the model predicts? Held-out text, teacher-forced, bf16 against int8.
 
 The demo model was trained on the standard library with ~5% of its files held out
-(scripts/train_demo.py); those files are the text here. At every position both engines give
-their greedy (top-1) next token: agreement is how often the two are the same token, accuracy
-how often a model's token is the text's actual next token.
+(scripts/train_demo.py). The windows are those scripts/eval_demo.py scores (same count, length
+and seed by default). At every position both engines give their greedy (top-1) next token:
+agreement is how often the two are the same token, accuracy how often a model's token is the
+text's actual next token.
 """
 
 from __future__ import annotations
@@ -11,25 +12,22 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from loopcoder.engine.engine import LLMEngine
 from loopcoder.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def heldout_windows(engine: LLMEngine, windows: int, length: int) -> list[list[int]]:
-    """Up to `windows` token windows of `length` from the demo's held-out files (in path order)."""
-    spec = importlib.util.spec_from_file_location("train_demo", ROOT / "scripts" / "train_demo.py")
-    train_demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_demo)
-    _, heldout = train_demo.split_corpus()
-    out = []
-    for _, text in heldout:
-        ids = engine.tokenizer.encode(text, add_special_tokens=False)
-        out += [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
-        if len(out) >= windows:
-            break
-    return out[:windows]
+def heldout_windows(model_dir: Path, windows: int = 64, length: int = 256, seed: int = 0) -> list[list[int]]:
+    """eval_demo.py's held-out windows: `windows` token windows of `length` + 1 at seeded offsets."""
+    spec = importlib.util.spec_from_file_location("eval_demo", ROOT / "scripts" / "eval_demo.py")
+    eval_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_demo)
+    _, heldout = eval_demo.split_corpus()
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return eval_demo.heldout_windows(tok, [text for _, text in heldout], windows, length, seed).tolist()
 
 
 def greedy_predictions(engine: LLMEngine, windows: list[list[int]]) -> list[tuple[int, int]]:
