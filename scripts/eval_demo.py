@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from loopcoder.demo import DEMO_DIR
+from loopcoder.engine.llm import LLM
 from loopcoder.loader import load_model
-from loopcoder.model.attention import DenseAttention
 from loopcoder.model.loopcoder import LoopCoderForCausalLM
+from loopcoder.sampling import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_demo import EOT, IM_END, functions, split_corpus  # noqa: E402
+from train_demo import EOT, functions, split_corpus  # noqa: E402
 
 
 def heldout_windows(tok: Tokenizer, texts: list[str], count: int, length: int, seed: int) -> torch.Tensor:
@@ -76,23 +77,6 @@ def function_headers(text: str) -> list[str]:
     return out
 
 
-@torch.inference_mode()
-def greedy(model: LoopCoderForCausalLM, prompts: list[list[int]], max_new: int) -> list[list[int]]:
-    """Greedy continuations, batched: each row reads its logits at its own length (causal, so padding is inert)."""
-    lens = torch.tensor([len(p) for p in prompts])
-    ids = torch.zeros(len(prompts), int(lens.max()) + max_new, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, : len(p)] = torch.tensor(p)
-    rows = torch.arange(len(prompts))
-    for _ in range(max_new):
-        seq_len = int(lens.max())
-        attn = DenseAttention(seq_len, model.config.loop_window_size, ids.device)
-        hidden = model.run_loops(ids[:, :seq_len], torch.arange(seq_len), attn)
-        ids[rows, lens] = model.compute_logits(hidden[rows, lens - 1]).argmax(-1)
-        lens += 1
-    return [ids[row, len(p) : len(p) + max_new].tolist() for row, p in enumerate(prompts)]
-
-
 def completion_parses(header: str, completion: str, ended: bool) -> bool:
     """Header + completion (cut at its last complete line unless it ended at an eos) parses."""
     if not ended:
@@ -104,23 +88,20 @@ def completion_parses(header: str, completion: str, ended: bool) -> bool:
     return True
 
 
-def header_metrics(
-    model: LoopCoderForCausalLM, tok: Tokenizer, texts: list[str], count: int, max_new: int, seed: int, show: int
-) -> dict:
+def header_metrics(model_dir: Path, tok: Tokenizer, texts: list[str], count: int, max_new: int, seed: int, show: int) -> dict:
+    """Greedy completions by the engine (float32, all headers batched), stopping at an eos."""
     headers = [h for text in texts for h in function_headers(text)]
     headers = random.Random(seed).sample(headers, min(count, len(headers)))
-    eos = {tok.token_to_id(EOT), tok.token_to_id(IM_END)}
-    outputs = []
-    for i in range(0, len(headers), 16):
-        outputs += greedy(model, [tok.encode(h).ids for h in headers[i : i + 16]], max_new)
+    llm = LLM(str(model_dir), dtype="float32", max_model_len=1024)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new)
+    outputs = llm.generate([{"prompt_token_ids": tok.encode(h).ids} for h in headers], params)
     parsed = 0
     for n, (header, out) in enumerate(zip(headers, outputs, strict=True)):
-        stop = next((i for i, t in enumerate(out) if t in eos), None)
-        completion = tok.decode(out[:stop])
-        ok = completion_parses(header, completion, stop is not None)
+        completion = out.outputs[0]
+        ok = completion_parses(header, completion.text, completion.finish_reason == "stop")
         parsed += ok
         if n < show:
-            print(f"--- parses: {ok}\n{header}{completion}", file=sys.stderr)
+            print(f"--- parses: {ok}\n{header}{completion.text}", file=sys.stderr)
     return {"header_completion": {"headers": len(headers), "max_new_tokens": max_new, "parse_rate": parsed / len(headers)}}
 
 
@@ -143,7 +124,7 @@ def main() -> None:
     texts = [text for _, text in heldout]
     summary: dict = {"model": str(args.model), "heldout_files": len(heldout)}
     summary |= next_token_metrics(model, heldout_windows(tok, texts, args.windows, args.context, args.seed))
-    summary |= header_metrics(model, tok, texts, args.headers, args.max_new, args.seed, args.show)
+    summary |= header_metrics(args.model, tok, texts, args.headers, args.max_new, args.seed, args.show)
     summary["seconds"] = round(time.time() - start, 1)
     print(json.dumps(summary, indent=2))
 
