@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from conftest import PagedHarness
 from loopcoder import kernels
 from loopcoder.config import LoopCoderConfig
+from loopcoder.model.attention import PagedAttention
 from loopcoder.model.layers import linear, split_qkv_rope
-from loopcoder.model.loopcoder import LoopCoderForCausalLM
+from loopcoder.model.loopcoder import DecoderLayer, LoopCoderForCausalLM
 from loopcoder.quantization import quantize_int8, quantize_model
 
 
@@ -210,6 +211,22 @@ def test_batched_decode_rows_are_independent() -> None:
             got[i].append(out)
     for mine, ref in zip(got, alone, strict=True):
         assert (torch.cat(mine) - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fused_decode_layer_equals_op_by_op(monkeypatch, quantized: bool) -> None:
+    """A decode step's layers in one native call each give exactly what the ops give one Python call at a time."""
+    model = tiny_model(torch.bfloat16)
+    if quantized:
+        quantize_model(model, "int8")
+    calls = []
+    fused_layer = DecoderLayer.native_decode
+    monkeypatch.setattr(DecoderLayer, "native_decode", lambda *a: calls.append(1) or fused_layer(*a))
+    fused = run_engine(model, PROMPT, 5, 8, plain=False)
+    assert len(calls) == 5 * 2 * 2  # one-token steps (20 ids run as 5, 5, 5, then 1 at a time) x loops x layers
+    monkeypatch.setattr(PagedAttention, "native_decode", lambda self, h: None)
+    op_by_op = run_engine(model, PROMPT, 5, 8, plain=False)
+    assert torch.equal(fused, op_by_op)
 
 
 def test_int8_model_equals_its_dequantized_reference() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from types import ModuleType
 from typing import Protocol
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from loopcoder import kernels
 from loopcoder.model.kv_cache import KVCache
+from loopcoder.parallel import tp_size
 
 
 class Gate(Protocol):
@@ -135,6 +137,24 @@ class PagedAttention:
     def __init__(self, cache: KVCache, meta: AttentionMetadata) -> None:
         self.cache = cache
         self.meta = meta
+
+    def native_decode(self, h: torch.Tensor) -> ModuleType | None:
+        """The kernels when this step only decodes, on the CPU and one rank: each layer can then run in one
+        native call (`decode_layer`, given `decode_layer_args`)."""
+        group = self.meta.decode
+        if group is None or not group.only or tp_size() > 1 or h.dim() != 2 or self.cache.global_state.shape[-1] % 8:
+            return None
+        return kernels.native(h)
+
+    def decode_layer_args(self, layer: int, loop: int, gate: Gate) -> tuple:
+        """The attention arguments of the kernels' `decode_layer` for one layer and loop."""
+        group = self.meta.decode
+        keys, values = self.cache.global_kv(layer)
+        head = (group.tokens, group.positions, keys, values, group.global_table)
+        if loop == 0:
+            return (*head, None, None, None, group.block_size, 0, None, None)
+        local_keys, local_values = self.cache.local_kv(loop, layer)
+        return (*head, local_keys, local_values, group.local_table, group.block_size, group.window, gate.weight, gate.bias)
 
     def first_loop(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.cache.global_kv(layer)

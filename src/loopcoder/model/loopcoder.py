@@ -8,6 +8,8 @@ the post-RoPE query of that loop (see DESIGN.md).
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import nn
 
@@ -117,6 +119,22 @@ class DecoderLayer(nn.Module):
         h = self.self_attn.o_proj(mixed.flatten(-2), residual=h)
         return self.mlp(self.post_attention_layernorm(h), residual=h)
 
+    def native_decode(
+        self, ops: ModuleType, h: torch.Tensor, index: int, loop: int, gate: LoopGate, attn: PagedAttention,
+        cos: torch.Tensor, sin: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """The same layer in one native call for a decode-only step (None where its weights are not all laid out alike)."""
+        weights = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        packed = weights[0].packed
+        if any(w.packed != packed for w in weights):
+            return None
+        qkv, o, gate_up, down = weights
+        return ops.decode_layer(
+            h, cos, sin, self.input_layernorm.eps, self.input_layernorm.weight, qkv.weight, qkv.scale, o.weight, o.scale,
+            self.post_attention_layernorm.weight, gate_up.weight, gate_up.scale, down.weight, down.scale, packed,
+            self.self_attn.heads, self.self_attn.kv_heads, *attn.decode_layer_args(index, loop, gate),
+        )
+
     def specs(self, prefix: str) -> list[WeightSpec]:
         return [
             *self.input_layernorm.specs(f"{prefix}.input_layernorm"),
@@ -146,9 +164,12 @@ class LoopCoderForCausalLM(nn.Module):
         """Hidden states after `loops` loops (all of them by default), before the final norm."""
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         h = self.embed_tokens(input_ids)
+        ops = attn.native_decode(h) if isinstance(attn, PagedAttention) else None
         for loop in range(self.config.loop_num if loops is None else loops):
             for index, layer in enumerate(self.layers):
-                h = layer(h, index, loop, self.gate_projections[index], attn, cos, sin)
+                gate = self.gate_projections[index]
+                fused = None if ops is None else layer.native_decode(ops, h, index, loop, gate, attn, cos, sin)
+                h = layer(h, index, loop, gate, attn, cos, sin) if fused is None else fused
         return h
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: PagedAttention) -> torch.Tensor:
