@@ -259,17 +259,18 @@ class LLMEngine:
                 banned = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_token_ids)
                 processed[i, sorted(banned)] = float("-inf")
         params = [s.params for s in seqs]
-        processed = apply_penalties(
-            processed, params, [s.token_ids[: s.prompt_len] for s in seqs], [s.output_ids for s in seqs]
-        )
+        if any(p.penalized for p in params):
+            processed = apply_penalties(
+                processed, params, [s.token_ids[: s.prompt_len] for s in seqs], [s.output_ids for s in seqs]
+            )
         tokens = sample(processed, params, [s.generator for s in seqs])
         now = time.monotonic()
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             request = self.requests[seq.request_id]
             request.first_token_time = request.first_token_time or now
-            logprobs = torch.log_softmax(raw[i], -1)
-            seq.cumulative_logprob += float(logprobs[token])
-            if seq.logprobs is not None:
+            if seq.logprobs is not None:  # the only output that reports cumulative_logprob
+                logprobs = torch.log_softmax(raw[i], -1)
+                seq.cumulative_logprob += float(logprobs[token])
                 seq.logprobs.append(_top_logprobs(logprobs, token, seq.params.logprobs, self.tokenizer))
             seq.token_ids.append(token)
             self.stats["generation_tokens"] += 1

@@ -45,15 +45,20 @@ class ModelRunner:
     def prepare(self, seqs: list[Sequence], num_new: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         ids, positions, write_global, write_local = [], [], [], []
         decodes, prefills, row = [], [], 0
+        bs = self.block_size
         for seq, n in zip(seqs, num_new, strict=True):
             start, end = seq.num_computed, seq.num_computed + n
             ids.extend(seq.token_ids[start:end])
-            positions.append(np.arange(start, end))
-            write_global.append(self._slots(seq.global_blocks, start, end))
-            write_local.append(self._slots(seq.local_blocks, start, end))
-            if n == 1:
+            if n == 1:  # the common case, in plain integers
+                block, offset = divmod(start, bs)
+                positions.append((start,))
+                write_global.append((seq.global_blocks[block] * bs + offset,))
+                write_local.append((seq.local_blocks[block] * bs + offset,))
                 decodes.append((row, seq))
             else:
+                positions.append(np.arange(start, end))
+                write_global.append(self._slots(seq.global_blocks, start, end))
+                write_local.append(self._slots(seq.local_blocks, start, end))
                 prefills.append(self._prefill_span(seq, row, start, end))
             row += n
         meta = AttentionMetadata(
