@@ -1,8 +1,10 @@
 """Quality of the demo model on the held-out stdlib files; prints a JSON summary.
 
 - next_token: top-1 accuracy and loss over a fixed sample of held-out windows;
-- header_completion: share of held-out function headers whose greedy completion (64 tokens, cut
-  at the last complete line, or at an eos) parses with `ast.parse`;
+- header_completion: share of held-out function headers whose greedy completion parses with
+  `ast.parse`, cut at the last complete line unless the model ended it with an eos. Budget: 256
+  new tokens, in which 81% of the held-out functions fit (header included); 64 tokens (41% fit)
+  is reported too, from the first 64 tokens of the same greedy completions;
 - loop0: how often loop 0 alone (final norm and head on its output) predicts the same next
   token as the full two-loop model, and its own top-1 accuracy.
 
@@ -88,21 +90,26 @@ def completion_parses(header: str, completion: str, ended: bool) -> bool:
     return True
 
 
-def header_metrics(model_dir: Path, tok: Tokenizer, texts: list[str], count: int, max_new: int, seed: int, show: int) -> dict:
-    """Greedy completions by the engine (float32, all headers batched), stopping at an eos."""
+def header_metrics(model_dir: Path, tok: Tokenizer, texts: list[str], count: int, budgets: list[int], seed: int, show: int) -> dict:
+    """Greedy completions by the engine (float32, all headers batched) up to the largest budget or an eos;
+    each smaller budget's completion is the first tokens of the same one (greedy decoding)."""
     headers = [h for text in texts for h in function_headers(text)]
     headers = random.Random(seed).sample(headers, min(count, len(headers)))
     llm = LLM(str(model_dir), dtype="float32", max_model_len=1024)
-    params = SamplingParams(temperature=0.0, max_tokens=max_new)
-    outputs = llm.generate([{"prompt_token_ids": tok.encode(h).ids} for h in headers], params)
-    parsed = 0
-    for n, (header, out) in enumerate(zip(headers, outputs, strict=True)):
-        completion = out.outputs[0]
-        ok = completion_parses(header, completion.text, completion.finish_reason == "stop")
-        parsed += ok
-        if n < show:
-            print(f"--- parses: {ok}\n{header}{completion.text}", file=sys.stderr)
-    return {"header_completion": {"headers": len(headers), "max_new_tokens": max_new, "parse_rate": parsed / len(headers)}}
+    params = SamplingParams(temperature=0.0, max_tokens=max(budgets))
+    outputs = [out.outputs[0] for out in llm.generate([{"prompt_token_ids": tok.encode(h).ids} for h in headers], params)]
+    rates = {}
+    for budget in sorted(budgets):
+        parsed = 0
+        for n, (header, out) in enumerate(zip(headers, outputs, strict=True)):
+            ended = out.finish_reason == "stop" and len(out.token_ids) <= budget
+            text = tok.decode(out.token_ids[:budget], skip_special_tokens=True)
+            ok = completion_parses(header, text, ended)
+            parsed += ok
+            if n < show and budget == max(budgets):
+                print(f"--- parses: {ok}\n{header}{text}", file=sys.stderr)
+        rates[f"parse_rate_{budget}"] = parsed / len(headers)
+    return {"header_completion": {"headers": len(headers), "parse_rate": rates[f"parse_rate_{max(budgets)}"], **rates}}
 
 
 def main() -> None:
@@ -110,8 +117,8 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=DEMO_DIR)
     p.add_argument("--windows", type=int, default=64)
     p.add_argument("--context", type=int, default=256)
-    p.add_argument("--headers", type=int, default=48)
-    p.add_argument("--max-new", type=int, default=64)
+    p.add_argument("--headers", type=int, default=200)
+    p.add_argument("--budgets", type=int, nargs="+", default=[256, 64], help="new-token budgets; the largest is the headline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--show", type=int, default=0, help="print this many completions to stderr")
@@ -124,7 +131,7 @@ def main() -> None:
     texts = [text for _, text in heldout]
     summary: dict = {"model": str(args.model), "heldout_files": len(heldout)}
     summary |= next_token_metrics(model, heldout_windows(tok, texts, args.windows, args.context, args.seed))
-    summary |= header_metrics(args.model, tok, texts, args.headers, args.max_new, args.seed, args.show)
+    summary |= header_metrics(args.model, tok, texts, args.headers, args.budgets, args.seed, args.show)
     summary["seconds"] = round(time.time() - start, 1)
     print(json.dumps(summary, indent=2))
 
