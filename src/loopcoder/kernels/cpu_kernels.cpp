@@ -836,7 +836,7 @@ torch::Tensor gated_decode_attention(const torch::Tensor& q, const torch::Tensor
 //
 // The ops above in DecoderLayer's order, in one call: norm, qkv, RoPE, (gated) decode attention
 // writing the new keys/values, o_proj + residual, norm, gate_up, SwiGLU down + residual. Called op
-// by op from Python, a decode step of a ~0.5B model spends about a sixth of its time between ~400
+// by op from Python, a decode step of a ~0.5B model spent about a quarter of its time between ~400
 // native calls; here the results are the same, bit for bit.
 torch::Tensor decode_layer(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin, double eps,
                            const torch::Tensor& input_norm, const torch::Tensor& qkv_w, const c10::optional<torch::Tensor>& qkv_scale,
