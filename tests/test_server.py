@@ -42,6 +42,8 @@ WEATHER_TOOL = {
     },
 }
 USER = [{"role": "user", "content": "What's the weather in Paris?"}]
+# A request that shows the server still answers after a bad one: greedy, never ended by an eos.
+STILL_SERVING = {"max_tokens": 2, "temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +428,7 @@ def test_bad_input_names_the_field(server, client, path, body, status, param):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["message"] and error["type"]
-    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
+    assert client.completions.create(model=MODEL, prompt="hi", **STILL_SERVING).choices[0].text
 
 
 @pytest.mark.parametrize("raw", [b'{"prompt": "hi",', b"[1, 2]", b"null", b"\xff\xfe"])
@@ -434,7 +436,7 @@ def test_malformed_json(server, client, raw):
     response = httpx.post(f"{server.url}/v1/completions", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
-    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
+    assert client.completions.create(model=MODEL, prompt="hi", **STILL_SERVING).choices[0].text
 
 
 @pytest.mark.parametrize(
@@ -450,7 +452,7 @@ def test_malformed_json(server, client, raw):
 def test_lone_surrogates(server, client, path, raw, status):
     response = httpx.post(f"{server.url}{path}", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == status and response.json()["error"]["message"]
-    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text
+    assert client.completions.create(model=MODEL, prompt="hi", **STILL_SERVING).choices[0].text
 
 
 def test_unknown_route_is_an_openai_error(server):
@@ -530,7 +532,7 @@ def test_api_key(limited):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
     good = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
     assert [m.id for m in good.models.list().data] == ["limited"]
-    assert good.completions.create(model="limited", prompt="hi", max_tokens=2).choices[0].text
+    assert good.completions.create(model="limited", prompt="hi", **STILL_SERVING).choices[0].text
 
 
 def test_full_queue_answers_503(limited):
