@@ -1,7 +1,9 @@
 """The machine's ceilings, measured in the same run as the figures they bound.
 
 Memory read bandwidth bounds batch-1 decode (every weight is read once per loop per token);
-GEMM throughput bounds prefill. Both use PyTorch's own kernels on all of its threads.
+GEMM throughput bounds prefill; the fp32 FMA peak bounds batched decode (each bf16 weight is
+widened and multiplied in fp32). Bandwidth and GEMM use PyTorch's own kernels on all of its
+threads, the FMA peak a register-only loop of the native kernels on as many.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import time
 from collections.abc import Callable
 
 import torch
+
+from loopcoder import kernels
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -42,3 +46,9 @@ def gemm_gflops(dtype: torch.dtype, m: int = 2048, k: int = 1024, n: int = 2816,
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(m, k, generator=gen).to(dtype), torch.randn(n, k, generator=gen).to(dtype)
     return 2 * m * k * n / median_seconds(lambda: torch.nn.functional.linear(x, w), repeats) / 1e9
+
+
+def fma_peak_gflops(iterations: int = 20_000_000) -> float | None:
+    """GFLOP/s of independent fp32 FMAs on registers (None without the native kernels)."""
+    ops = kernels.load()
+    return None if ops is None else ops.fma_peak_gflops(iterations)

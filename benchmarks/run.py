@@ -85,6 +85,9 @@ def ceilings_section(when: str) -> None:
     emit("ceiling_memory_copy_gbps", ceilings.memory_copy_gbps(), "GB/s", when=when, note="read + written bytes")
     emit("ceiling_gemm_bf16_gflops", ceilings.gemm_gflops(torch.bfloat16), "GFLOP/s", when=when)
     emit("ceiling_gemm_fp32_gflops", ceilings.gemm_gflops(torch.float32), "GFLOP/s", when=when)
+    peak = ceilings.fma_peak_gflops()
+    if peak is not None:
+        emit("ceiling_fma_fp32_peak_gflops", peak, "GFLOP/s", when=when, note="register-only FMA loop")
 
 
 def kernels_section(quick: bool) -> None:
@@ -166,17 +169,20 @@ def decode_batch1_section(name: str, engines: dict, config: LoopCoderConfig, rep
 def decode_batch_section(
     name: str, engine, weights: str, config: LoopCoderConfig, batch: int, repeats: int, steps: int, targets: bool
 ) -> None:
-    """Batched decode, each repeat beside a batch-1 run (for the ratio) and an fp32 GEMM measurement (its compute ceiling)."""
-    runs, single, ceiling = [], [], []
+    """Batched decode, each repeat beside a batch-1 run (for the ratio) and its compute ceilings: fp32 GEMM and FMA peak."""
+    runs, single, ceiling, peak = [], [], [], []
     for rep in range(repeats):
         ceiling.append(gemm(torch.float32))
+        peak.append(ceilings.fma_peak_gflops())
         single.append(ef.decode_tokens_per_s(engine, 1, steps, seed=rep))
         runs.append(ef.decode_tokens_per_s(engine, batch, max(steps // 2, 2), seed=rep))
     layers, head = weight_counts(config)
     gflop_per_token = 2 * (config.loop_num * layers + head) / 1e9
     ratio = median(b / s for b, s in zip(runs, single, strict=True))
     of_gemm = median(r * gflop_per_token / c for r, c in zip(runs, ceiling, strict=True))
-    extra = target(targets and batch == 8 and weights == "bf16", ">= 5x batch 1", ratio >= 5)
+    of_peak = None if None in peak else median(r * gflop_per_token / p for r, p in zip(runs, peak, strict=True))
+    extra = {} if of_peak is None else {"ratio_of_fma_peak": round(of_peak, 3)}
+    extra |= target(targets and batch == 8 and weights == "bf16", ">= 5x batch 1", ratio >= 5)
     emit("decode_tokens_per_s", median(runs), "tok/s", model=name, weights=weights, batch=batch, runs=rounded(runs),
          ratio_to_batch_1=round(ratio, 2), ratio_of_fp32_gemm=round(of_gemm, 3), **extra)
 
@@ -227,7 +233,7 @@ def quality_section(path: Path, quick: bool) -> None:
          bf16=round(result["reference_accuracy_pct"], 2), drop_points=round(drop, 2), target="within 1 point", met=abs(drop) <= 1)
 
 
-RATIOS = ("ratio_of_bandwidth_ceiling", "ratio_of_bf16_gemm", "ratio_of_fp32_gemm", "ratio_of_read", "speedup_vs_bf16",
+RATIOS = ("ratio_of_bandwidth_ceiling", "ratio_of_bf16_gemm", "ratio_of_fp32_gemm", "ratio_of_fma_peak", "ratio_of_read", "speedup_vs_bf16",
           "ratio_to_batch_1", "fast_path_speedup", "speedup_vs_square", "ratio_of_every_loop")
 
 

