@@ -180,8 +180,9 @@ def decode_batch_section(
     gflop_per_token = 2 * (config.loop_num * layers + head) / 1e9
     ratio = median(b / s for b, s in zip(runs, single, strict=True))
     of_gemm = median(r * gflop_per_token / c for r, c in zip(runs, ceiling, strict=True))
-    of_peak = None if None in peak else median(r * gflop_per_token / p for r, p in zip(runs, peak, strict=True))
-    extra = {} if of_peak is None else {"ratio_of_fma_peak": round(of_peak, 3)}
+    extra = {}
+    if weights == "bf16" and None not in peak:  # int8 weights multiply in int16 (pmaddwd), not in fp32 FMAs
+        extra["ratio_of_fma_peak"] = round(median(r * gflop_per_token / p for r, p in zip(runs, peak, strict=True)), 3)
     extra |= target(targets and batch == 8 and weights == "bf16", ">= 5x batch 1", ratio >= 5)
     emit("decode_tokens_per_s", median(runs), "tok/s", model=name, weights=weights, batch=batch, runs=rounded(runs),
          ratio_to_batch_1=round(ratio, 2), ratio_of_fp32_gemm=round(of_gemm, 3), **extra)
