@@ -126,8 +126,8 @@ class Weight(nn.Module):
         """The weight's shape in the packed layout: rows padded to a multiple of 16 columns."""
         return self.weight.shape[0], -(-self.cols // 16) * 16
 
-    def pack(self, into: torch.Tensor | None = None) -> None:
-        """Lay the weight out for the native decode kernel, in `into` ([packed_shape]) if given (see `packable`)."""
+    def pack(self, into: torch.Tensor) -> None:
+        """Lay the weight out for the native decode kernel in `into` (a [packed_shape] tensor; see `packable`)."""
         self.weight = nn.Parameter(kernels.load().pack(self.weight.data, into), requires_grad=False)
         self.packed = True
 
