@@ -50,6 +50,33 @@ inline int32_t hsum(__m128i s) {
   return _mm_cvtsi128_si32(s);
 }
 
+// e^x for x in [-87, 0] (softmax scores less their maximum, SiLU's e^-|v|; below, a tiny positive
+// value), to about 2 ulp: Cephes' expf, 2^n times a degree-6 polynomial in x - n ln 2 (ln 2 split in two parts).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// silu(v) = v * sigmoid(v) with e = e^-|v| kept in exp8's range: sigmoid(v) = 1 / (1 + e) for v >= 0,
+// e / (1 + e) below.
+inline __m256 silu8(__m256 v) {
+  __m256 e = exp8(_mm256_or_ps(v, _mm256_set1_ps(-0.0f)));
+  __m256 one = _mm256_set1_ps(1.0f);
+  __m256 top = _mm256_blendv_ps(e, one, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ));
+  return _mm256_div_ps(_mm256_mul_ps(v, top), _mm256_add_ps(one, e));
+}
+
 // v rounded to T, as PyTorch rounds each op's result to the tensor dtype.
 template <typename T>
 inline float rnd(float v) { return static_cast<float>(static_cast<T>(v)); }
@@ -219,9 +246,14 @@ Activations prepare(const T* x, int64_t M, int64_t K, bool swiglu, c10::ScalarTy
   for (int64_t m = 0; m < M; ++m) {
     const T* row = x + m * ld;
     float* dst = a.natural.data() + m * K;
-    for (int64_t k = 0; k < K; ++k) {
-      float v = static_cast<float>(row[k]);
-      dst[k] = swiglu ? rnd<T>(rnd<T>(v / (1.0f + std::exp(-v))) * static_cast<float>(row[K + k])) : v;
+    for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(row[k]);
+    if (!swiglu) continue;
+    for (int64_t k = 0; k < K; k += 8) {  // silu(gate) 8 at a time (the tail through a padded copy)
+      float lanes[8] = {};
+      int64_t n = std::min<int64_t>(8, K - k);
+      std::copy(dst + k, dst + k + n, lanes);
+      _mm256_storeu_ps(lanes, silu8(_mm256_loadu_ps(lanes)));
+      for (int64_t i = 0; i < n; ++i) dst[k + i] = rnd<T>(rnd<T>(lanes[i]) * static_cast<float>(row[K + k + i]));
     }
   }
   auto value = [&](int64_t m, int64_t k) { return k < K ? a.natural[m * K + k] : 0.0f; };
@@ -649,24 +681,6 @@ void row_pointers(const T* base, const PagedKV<T>& kv, int64_t b, int64_t kvh, i
 inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-}
-
-// e^x for x in [-87, 0] (softmax scores less their maximum; below, a tiny positive value), to about
-// 2 ulp: Cephes' expf, 2^n times a degree-6 polynomial in x - n ln 2 (ln 2 split in two parts).
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
 // out[g] = sum_j p[g][j] v[j] for GN query heads at once, each head's 8 outputs held in a register
