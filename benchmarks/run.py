@@ -171,9 +171,11 @@ def decode_batch_section(
 ) -> None:
     """Batched decode, each repeat beside a batch-1 run (for the ratio) and its compute ceilings: fp32 GEMM and FMA peak."""
     runs, single, ceiling, peak = [], [], [], []
+    fp32_products = weights == "bf16"  # int8 weights multiply in int16 (pmaddwd), not in fp32 FMAs
     for rep in range(repeats):
         ceiling.append(gemm(torch.float32))
-        peak.append(ceilings.fma_peak_gflops())
+        if fp32_products:
+            peak.append(ceilings.fma_peak_gflops())
         single.append(ef.decode_tokens_per_s(engine, 1, steps, seed=rep))
         runs.append(ef.decode_tokens_per_s(engine, batch, max(steps // 2, 2), seed=rep))
     layers, head = weight_counts(config)
@@ -181,7 +183,7 @@ def decode_batch_section(
     ratio = median(b / s for b, s in zip(runs, single, strict=True))
     of_gemm = median(r * gflop_per_token / c for r, c in zip(runs, ceiling, strict=True))
     extra = {}
-    if weights == "bf16" and None not in peak:  # int8 weights multiply in int16 (pmaddwd), not in fp32 FMAs
+    if peak and None not in peak:
         extra["ratio_of_fma_peak"] = round(median(r * gflop_per_token / p for r, p in zip(runs, peak, strict=True)), 3)
     extra |= target(targets and batch == 8 and weights == "bf16", ">= 5x batch 1", ratio >= 5)
     emit("decode_tokens_per_s", median(runs), "tok/s", model=name, weights=weights, batch=batch, runs=rounded(runs),
