@@ -1,7 +1,7 @@
 """The fast paths compute what the plain PyTorch path computes, within the dtype's tolerance.
 
 Native CPU kernels (skinny GEMM with fused SwiGLU/residual, int8 weights, RMSNorm, RoPE, paged
-decode attention with the gate fused in), the widened bf16 GEMM for many rows, and int8
+decode attention with the gate fused in), the GEMM for many rows, and int8
 weights against a dequantized reference. Speed is a benchmark figure (benchmarks/run.py), never
 a test. bf16 tolerance: the fast path may differ from the plain path by no more than the plain
 path differs from an fp32 run of the same weights (plus a small floor).
@@ -113,8 +113,9 @@ def test_fused_swiglu_and_residual(dtype: torch.dtype) -> None:
     assert torch.allclose(fast.float(), plain.float(), atol=1e-5 if dtype == torch.float32 else 3e-2)
 
 
-def test_many_rows_widen_bf16_to_fp32() -> None:
-    """Above the skinny threshold a bf16 weight runs as an fp32 GEMM: as exact as bf16's own GEMM or better."""
+def test_many_rows_as_exact_as_the_bf16_gemm() -> None:
+    """Above the skinny threshold a bf16 weight runs as a GEMM (widened to fp32 on a CPU without bf16
+    units): as exact as bf16's own GEMM or better."""
     x, w = rand(100, 64, dtype=torch.bfloat16), rand(48, 64, dtype=torch.bfloat16, seed=1) / 8
     exact = x.double() @ w.double().T
     assert (linear(x, w).double() - exact).abs().max() <= (F.linear(x, w).double() - exact).abs().max() + 1e-6

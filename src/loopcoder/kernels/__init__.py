@@ -3,8 +3,10 @@
 `cpu_kernels.cpp` holds the native decode kernels (skinny bf16/int8 GEMM, RMSNorm, RoPE, paged
 decode attention with the gate fused in). It is compiled on first use by PyTorch's C++
 extension builder and cached (under ~/.cache/torch_extensions), so only the first process on a
-machine pays the compile. Without a compiler or AVX2, when compiling fails, with
-LOOPCODER_KERNELS=0, or inside `plain()`, every op takes the plain path; so do tensors on a GPU.
+machine pays the compile, with AVX-512 bf16/int16 dot products where the CPU has them and AVX2
+otherwise (LOOPCODER_KERNELS=avx2 forces the latter). Without a compiler or AVX2, when compiling
+fails, with LOOPCODER_KERNELS=0, or inside `plain()`, every op takes the plain path; so do
+tensors on a GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ SKINNY_ROWS = 32
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _NATIVE_DTYPES = (torch.bfloat16, torch.float32)
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread"]
+# Where the CPU has them, AVX-512 with bf16 and int16 dot products (Zen 4+, Cooper Lake+).
+_WIDE_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni"]
 _state: dict = {"enabled": os.environ.get("LOOPCODER_KERNELS", "1") != "0", "module": None, "tried": False, "seconds": None}
 
 
@@ -37,10 +41,12 @@ def load() -> ModuleType | None:
         if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
             from torch.utils.cpp_extension import load as build
 
+            wide = wide_build()
             start = time.perf_counter()
             try:
                 _state["module"] = build(
-                    name="loopcoder_cpu_kernels", sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-pthread"]
+                    name="loopcoder_cpu_kernels" + ("_avx512" if wide else ""), sources=[str(_SOURCE)],
+                    extra_cflags=_FLAGS + (_WIDE_FLAGS if wide else []), extra_ldflags=["-pthread"],
                 )
             except Exception as e:  # noqa: BLE001 - any build failure leaves the plain path, which is always correct
                 warnings.warn(f"loopcoder: native CPU kernels unavailable, using plain PyTorch ({e})", stacklevel=2)
@@ -50,9 +56,32 @@ def load() -> ModuleType | None:
     return _state["module"]
 
 
+def wide_build() -> bool:
+    """Whether to build the AVX-512 (bf16 and int16 dot product) kernels: the CPU has them (as Linux
+    reports its flags) and LOOPCODER_KERNELS is not "avx2" (which asks for the AVX2 build)."""
+    if os.environ.get("LOOPCODER_KERNELS") == "avx2":
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"} <= set(flags)
+
+
 def load_seconds() -> float | None:
     """How long building or loading the kernels took in this process (None before the first `load`)."""
     return _state["seconds"]
+
+
+def fast_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), so PyTorch's bf16 GEMM beats its fp32 one.
+
+    Without those units (AVX2 only) the bf16 GEMM runs several times slower than the fp32 one.
+    """
+    if _state.get("fast_bf16") is None:
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        _state["fast_bf16"] = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return _state["fast_bf16"]
 
 
 def enabled(x: torch.Tensor) -> bool:

@@ -31,6 +31,16 @@ namespace {
 
 using BF16 = at::BFloat16;
 
+// Built with AVX512-BF16 and AVX512-VNNI (kernels/__init__.py picks the flags for the CPU), the
+// linear kernel multiplies bf16 pairs (vdpbf16ps) and int16 pairs (vpdpwssd) 32 at a time; the
+// AVX2 inner loops below serve every other x86-64 CPU.
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512DQ__)
+#define LOOPCODER_WIDE 1
+constexpr bool kWide = true;
+#else
+constexpr bool kWide = false;
+#endif
+
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const BF16* p) {
   __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -233,7 +243,8 @@ struct Rows {
 struct Activations {
   int64_t M, K, width, body, blocks;  // width: K rounded up to kStep; body: the columns the vector loops cover
   std::vector<float> natural;         // [M, K]
-  std::vector<float> split;           // [M, width]: per 16, the 8 even then the 8 odd values, zero-padded (bf16)
+  std::vector<float> split;           // [M, width]: per 16, the 8 even then the 8 odd values, zero-padded (bf16, AVX2)
+  std::vector<BF16> pairs;            // [M, width]: the bf16 values in order, zero-padded (bf16 on AVX512-BF16)
   std::vector<int16_t> fixed;         // [M, width]: value / fixed_scale, rounded, zero-padded (int8)
   std::vector<float> fixed_scale;     // [M, blocks]
 };
@@ -241,7 +252,7 @@ struct Activations {
 template <typename T>
 Activations prepare(const T* x, int64_t M, int64_t K, bool swiglu, c10::ScalarType weight_type, bool packed) {
   int64_t width = round_up(K, kStep), body = packed ? width : K / kStep * kStep;
-  Activations a{M, K, width, body, (body + kBlock - 1) / kBlock, std::vector<float>(M * K), {}, {}, {}};
+  Activations a{M, K, width, body, (body + kBlock - 1) / kBlock, std::vector<float>(M * K), {}, {}, {}, {}};
   int64_t ld = swiglu ? 2 * K : K;
   for (int64_t m = 0; m < M; ++m) {
     const T* row = x + m * ld;
@@ -257,7 +268,11 @@ Activations prepare(const T* x, int64_t M, int64_t K, bool swiglu, c10::ScalarTy
     }
   }
   auto value = [&](int64_t m, int64_t k) { return k < K ? a.natural[m * K + k] : 0.0f; };
-  if (weight_type == torch::kBFloat16) {
+  if (kWide && weight_type == torch::kBFloat16 && std::is_same<T, BF16>::value) {  // bf16 values: exact as bf16 pairs
+    a.pairs.resize(M * width);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < width; ++k) a.pairs[m * width + k] = static_cast<BF16>(value(m, k));
+  } else if (weight_type == torch::kBFloat16) {
     a.split.resize(M * width);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < width; k += kStep)
@@ -374,9 +389,7 @@ struct Epilogue {
 // Outputs [m0, m0 + MT) x [n0, n0 + R): the body's dot products, the scalar K tail of unpacked
 // rows (row-major, r_stride apart), the epilogue.
 template <int R, int MT, typename W, typename T>
-inline void tile(const Rows<W>& w, const Activations& a, int64_t m0, int64_t n0, const Epilogue<T>& out, NextGroup* ahead = nullptr) {
-  float s[R][MT];
-  dot<R, MT>(w, a, m0, s, ahead);
+inline void finish(const Rows<W>& w, const Activations& a, int64_t m0, int64_t n0, const Epilogue<T>& out, float (&s)[R][MT]) {
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) {
       for (int64_t k = a.body; k < a.K; ++k) s[r][m] += static_cast<float>(w.base[r * w.r_stride + k]) * a.natural[(m0 + m) * a.K + k];
@@ -384,8 +397,139 @@ inline void tile(const Rows<W>& w, const Activations& a, int64_t m0, int64_t n0,
     }
 }
 
+template <int R, int MT, typename W, typename T>
+inline void tile(const Rows<W>& w, const Activations& a, int64_t m0, int64_t n0, const Epilogue<T>& out, NextGroup* ahead = nullptr) {
+  float s[R][MT];
+  dot<R, MT>(w, a, m0, s, ahead);
+  finish<R, MT>(w, a, m0, n0, out, s);
+}
+
+#ifdef LOOPCODER_WIDE
+// ---- the linear kernel's AVX-512 path ----------------------------------------------------------
+//
+// One 512-bit register holds the 16-weight chunks of two rows (r, r + 1) at one column: a packed
+// group stores them next to each other, so it is one load (two for row-major weights). Each
+// activation chunk is broadcast to both halves, and vdpbf16ps (bf16) or vpdpwssd (int8 widened to
+// int16, activations in 15-bit fixed point as on AVX2) adds 32 products into 16 fp32/int32 sums:
+// lanes 0-7 belong to row r, 8-15 to row r + 1. bf16 activations are exact as bf16 and each
+// product of two bf16 values is exact in fp32, so only the order of the fp32 sums differs from
+// the AVX2 path. Up to 4 activation rows share each weight load (16 sums in registers).
+constexpr int kWideRows = 4;
+
+inline __m512i row_pair(const Rows<BF16>& w, int r, int R, int64_t k, bool adjacent) {
+  const BF16* p = w.at(r, k);
+  if (adjacent) return _mm512_loadu_si512(p);
+  __m512i lo = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  if (r + 1 == R) return _mm512_zextsi256_si512(_mm512_castsi512_si256(lo));
+  return _mm512_inserti64x4(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.at(r + 1, k))), 1);
+}
+
+inline __m512i row_pair(const Rows<int8_t>& w, int r, int R, int64_t k, bool adjacent) {
+  const int8_t* p = w.at(r, k);
+  __m256i raw;
+  if (adjacent) raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  else if (r + 1 == R) raw = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  else raw = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(w.at(r + 1, k)), reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi8_epi16(raw);
+}
+
+inline __m512i broadcast_chunk(const void* p) { return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+// The row r (low half) and row r + 1 (high half) totals of a pair's sums.
+template <int R, int MT>
+inline void pair_totals(const __m512& sums, int p, int m, float (&out)[R][MT]) {
+  out[2 * p][m] = hsum(_mm512_castps512_ps256(sums));
+  if (2 * p + 1 < R) out[2 * p + 1][m] = hsum(_mm512_extractf32x8_ps(sums, 1));
+}
+
+template <int R, int MT>
+inline void dot_wide(const Rows<BF16>& w, const Activations& a, int64_t m0, float (&out)[R][MT], NextGroup* ahead) {
+  constexpr int P = (R + 1) / 2;
+  const bool adjacent = w.k_mul == kGroup && w.r_stride == kStep;
+  const BF16* x = a.pairs.data() + m0 * a.width;
+  __m512 acc[P][MT];
+  for (int p = 0; p < P; ++p)
+    for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < a.body; k += kStep) {
+    __m512bh xv[MT];
+    for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)broadcast_chunk(x + m * a.width + k);
+    if (ahead) ahead->step();
+    else if (w.k_mul == kGroup) prefetch(w.at(0, k), R * kStep * 2);
+    for (int p = 0; p < P; ++p) {
+      __m512bh wv = (__m512bh)row_pair(w, 2 * p, R, k, adjacent);
+      for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_dpbf16_ps(acc[p][m], wv, xv[m]);
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int m = 0; m < MT; ++m) pair_totals<R, MT>(acc[p][m], p, m, out);
+}
+
+template <int R, int MT>
+inline void dot_wide(const Rows<int8_t>& w, const Activations& a, int64_t m0, float (&out)[R][MT], NextGroup* ahead) {
+  constexpr int P = (R + 1) / 2;
+  const bool adjacent = w.k_mul == kGroup && w.r_stride == kStep;
+  __m512 total[P][MT];
+  for (int p = 0; p < P; ++p)
+    for (int m = 0; m < MT; ++m) total[p][m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.blocks; ++b) {
+    __m512i acc[P][MT];
+    for (int p = 0; p < P; ++p)
+      for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_setzero_si512();
+    for (int64_t k = b * kBlock; k < std::min(a.body, (b + 1) * kBlock); k += kStep) {
+      __m512i xv[MT];
+      for (int m = 0; m < MT; ++m) xv[m] = broadcast_chunk(a.fixed.data() + (m0 + m) * a.width + k);
+      if (ahead) ahead->step();
+      else if (w.k_mul == kGroup) prefetch(w.at(0, k), R * kStep);
+      for (int p = 0; p < P; ++p) {
+        __m512i wv = row_pair(w, 2 * p, R, k, adjacent);
+        for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_dpwssd_epi32(acc[p][m], wv, xv[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      __m512 scale = _mm512_set1_ps(a.fixed_scale[(m0 + m) * a.blocks + b]);
+      for (int p = 0; p < P; ++p) total[p][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[p][m]), scale, total[p][m]);
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int m = 0; m < MT; ++m) pair_totals<R, MT>(total[p][m], p, m, out);
+}
+
+template <int R, int MT, typename W, typename T>
+inline void tile_wide(const Rows<W>& w, const Activations& a, int64_t m0, int64_t n0, const Epilogue<T>& out, NextGroup* ahead) {
+  float s[R][MT];
+  dot_wide<R, MT>(w, a, m0, s, ahead);
+  finish<R, MT>(w, a, m0, n0, out, s);
+}
+
+// All activation rows against R weight rows, kWideRows at a time. With several passes over a
+// packed group, the next group streams into L2 meanwhile (see NextGroup).
+template <int R, typename W, typename T>
+inline void rows_wide(const Rows<W>& w, const Activations& a, int64_t n0, const Epilogue<T>& out) {
+  NextGroup ahead{}, *next = nullptr;
+  if (a.M > 1 && w.k_mul == kGroup) {
+    int64_t bytes = R * a.width * static_cast<int64_t>(sizeof(W));
+    int64_t steps = (a.M + kWideRows - 1) / kWideRows * (a.body / kStep);
+    const char* start = reinterpret_cast<const char*>(w.base) + bytes;
+    ahead = NextGroup{start, start + bytes, std::max<int64_t>(1, (bytes / 64 + steps - 1) / std::max<int64_t>(steps, 1))};
+    next = &ahead;
+  }
+  int64_t m = 0;
+  for (; m + kWideRows <= a.M; m += kWideRows) tile_wide<R, kWideRows>(w, a, m, n0, out, next);
+  switch (a.M - m) {
+    case 3: tile_wide<R, 3>(w, a, m, n0, out, next); break;
+    case 2: tile_wide<R, 2>(w, a, m, n0, out, next); break;
+    case 1: tile_wide<R, 1>(w, a, m, n0, out, next); break;
+  }
+}
+#endif
+
 template <int R, typename W, typename T>
 inline void rows_against_all(const Rows<W>& w, const Activations& a, int64_t n0, const Epilogue<T>& out) {
+#ifdef LOOPCODER_WIDE
+  if constexpr (!std::is_same<W, float>::value) {
+    if (std::is_same<W, int8_t>::value || !a.pairs.empty()) return rows_wide<R>(w, a, n0, out);
+  }
+#endif
   if (R == kGroup && a.M == 1) return tile<R, 1>(w, a, 0, n0, out);  // eight independent sums hide the FMA latency
   constexpr int kHalf = R == kGroup ? 4 : R;  // at most 8 accumulators, so activations stay in registers
   NextGroup ahead{}, *next = nullptr;
@@ -898,19 +1042,32 @@ torch::Tensor decode_layer(const torch::Tensor& h, const torch::Tensor& cos, con
 
 // ---- the machine's fp32 FMA peak (a benchmark ceiling) --------------------------------------------
 //
-// GFLOP/s of independent 256-bit FMAs on registers, on PyTorch's number of threads: what no kernel
-// that multiplies in fp32 can pass. A GEMM library's own throughput sits below it.
-constexpr int kChains = 12;  // more independent sums than FMA latency x throughput on any AVX2 core
+// GFLOP/s of independent FMAs on registers as wide as the build's (256 or 512 bits), on PyTorch's
+// number of threads: what no kernel that multiplies in fp32 can pass. A GEMM library's own
+// throughput sits below it.
+constexpr int kChains = 12;  // more independent sums than FMA latency x throughput on any AVX2/AVX-512 core
+#ifdef LOOPCODER_WIDE
+using Lanes = __m512;
+inline Lanes fma_lanes(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
+inline Lanes splat(float v) { return _mm512_set1_ps(v); }
+inline float lanes_sum(Lanes v) { return _mm512_reduce_add_ps(v); }
+#else
+using Lanes = __m256;
+inline Lanes fma_lanes(Lanes a, Lanes b, Lanes c) { return _mm256_fmadd_ps(a, b, c); }
+inline Lanes splat(float v) { return _mm256_set1_ps(v); }
+inline float lanes_sum(Lanes v) { return hsum(v); }
+#endif
 
 // Not inlined: inlined into its caller, GCC 12 spilled every sum to the stack on each iteration.
 __attribute__((noinline)) float fma_chains(int64_t iterations) {
-  __m256 acc[kChains];
-  for (int c = 0; c < kChains; ++c) acc[c] = _mm256_set1_ps(0.001f * c);
-  const __m256 a = _mm256_set1_ps(0.9999f), b = _mm256_set1_ps(1e-4f);
+  Lanes acc[kChains];
+  for (int c = 0; c < kChains; ++c) acc[c] = splat(0.001f * c);
+  const Lanes a = splat(0.9999f), b = splat(1e-4f);
   for (int64_t i = 0; i < iterations; ++i)
-    for (int c = 0; c < kChains; ++c) acc[c] = _mm256_fmadd_ps(acc[c], a, b);
-  for (int c = 1; c < kChains; ++c) acc[0] = _mm256_add_ps(acc[0], acc[c]);
-  return hsum(acc[0]);
+    for (int c = 0; c < kChains; ++c) acc[c] = fma_lanes(acc[c], a, b);
+  float total = 0.0f;
+  for (int c = 0; c < kChains; ++c) total += lanes_sum(acc[c]);
+  return total;
 }
 
 double fma_peak_gflops(int64_t iterations) {
@@ -923,7 +1080,7 @@ double fma_peak_gflops(int64_t iterations) {
   for (auto& h : helpers) h.join();
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   TORCH_CHECK(std::isfinite(std::accumulate(sums.begin(), sums.end(), 0.0f)), "fma_peak_gflops: lost the sums");
-  return threads * iterations * kChains * 16 / seconds / 1e9;  // 8 lanes x 2 FLOPs per FMA
+  return threads * iterations * kChains * (sizeof(Lanes) / 4) * 2 / seconds / 1e9;  // 2 FLOPs per lane per FMA
 }
 
 }  // namespace
@@ -947,5 +1104,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("block_size"), py::arg("window"), py::arg("gate_w"), py::arg("gate_b"), py::arg("k_new") = py::none(),
         py::arg("v_new") = py::none());
   m.def("fma_peak_gflops", &fma_peak_gflops, "GFLOP/s of independent fp32 FMAs on registers, on PyTorch's threads (a ceiling)");
+  m.attr("wide") = kWide;
   m.def("decode_layer", &decode_layer, "one decoder layer of a decode step (one new token per sequence), in one call");
 }

@@ -91,16 +91,20 @@ def linear(
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """x W^T (times `scale` for int8 weights) for many rows.
 
-    A CPU without bf16 FMA units (AVX2) runs PyTorch's bf16 GEMM several times slower than its
-    fp32 GEMM, so the fast path widens a bf16 weight to fp32 for the product (and an int8 one
-    always); the result is rounded back to the activation dtype.
+    The product runs in the activation dtype where the CPU multiplies bf16 natively. Without bf16
+    units (AVX2 only) PyTorch's bf16 GEMM is several times slower than its fp32 one, so there the
+    fast path widens a bf16 weight to fp32 and rounds the result back; an int8 weight is widened
+    to fp32 then, and to bf16 otherwise (its values are exact in bf16), its scale applied in fp32.
     """
-    widen = weight.dtype == torch.int8 or (weight.dtype == torch.bfloat16 and kernels.enabled(x))
-    if not widen:
+    compute = x.dtype
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        native_bf16 = kernels.enabled(x) and kernels.fast_bf16_gemm()
+        if not native_bf16 and (weight.dtype == torch.int8 or kernels.enabled(x)):
+            compute = torch.float32
+    if weight.dtype == compute and scale is None:
         return F.linear(x, weight)
-    compute = torch.float32 if x.device.type == "cpu" else x.dtype
     y = F.linear(x.to(compute), weight.to(compute))
-    return (y if scale is None else y * scale.to(compute)).to(x.dtype)
+    return (y if scale is None else y.float() * scale).to(x.dtype)
 
 
 class Weight(nn.Module):
