@@ -9,6 +9,9 @@ path differs from an fp32 run of the same weights (plus a small floor).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import pytest
@@ -30,6 +33,7 @@ def ops():
     if module is None:
         pytest.skip("native CPU kernels unavailable on this machine")
     print(f"\nnative kernels built or loaded in {kernels.load_seconds():.1f} s")
+    assert module.wide == kernels.wide_build()
     return module
 
 
@@ -49,6 +53,17 @@ def plain_linear(*args, **kwargs) -> torch.Tensor:
 
 
 # -- ops ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not kernels.wide_build(), reason="this CPU builds the AVX2 kernels, which every other test here runs")
+def test_avx2_build_passes_these_tests_too() -> None:
+    """On a CPU with AVX512-BF16 the tests here run the AVX-512 build; the AVX2 build, which every other
+    x86-64 CPU gets, must pass them as well (in a process of its own: a build is chosen once per process)."""
+    env = {**os.environ, "LOOPCODER_KERNELS": "avx2"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not avx2_build"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200, cwd=os.path.dirname(__file__))
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

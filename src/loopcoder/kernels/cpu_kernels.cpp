@@ -450,14 +450,25 @@ inline void dot_wide(const Rows<BF16>& w, const Activations& a, int64_t m0, floa
   __m512 acc[P][MT];
   for (int p = 0; p < P; ++p)
     for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < a.body; k += kStep) {
-    __m512bh xv[MT];
-    for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)broadcast_chunk(x + m * a.width + k);
-    if (ahead) ahead->step();
-    else if (w.k_mul == kGroup) prefetch(w.at(0, k), R * kStep * 2);
-    for (int p = 0; p < P; ++p) {
-      __m512bh wv = (__m512bh)row_pair(w, 2 * p, R, k, adjacent);
-      for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_dpbf16_ps(acc[p][m], wv, xv[m]);
+  if (adjacent && R == kGroup) {  // a packed group: one run of memory, 8 rows x 16 weights per step
+    const BF16* wp = w.base;
+    for (int64_t k = 0; k < a.body; k += kStep, wp += kGroup * kStep) {
+      __m512bh xv[MT];
+      for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)broadcast_chunk(x + m * a.width + k);
+      if (ahead) ahead->step();
+      for (int p = 0; p < P; ++p) {
+        __m512bh wv = (__m512bh)_mm512_loadu_si512(wp + 2 * p * kStep);
+        for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_dpbf16_ps(acc[p][m], wv, xv[m]);
+      }
+    }
+  } else {
+    for (int64_t k = 0; k < a.body; k += kStep) {
+      __m512bh xv[MT];
+      for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)broadcast_chunk(x + m * a.width + k);
+      for (int p = 0; p < P; ++p) {
+        __m512bh wv = (__m512bh)row_pair(w, 2 * p, R, k, adjacent);
+        for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_dpbf16_ps(acc[p][m], wv, xv[m]);
+      }
     }
   }
   for (int p = 0; p < P; ++p)
@@ -479,10 +490,17 @@ inline void dot_wide(const Rows<int8_t>& w, const Activations& a, int64_t m0, fl
       __m512i xv[MT];
       for (int m = 0; m < MT; ++m) xv[m] = broadcast_chunk(a.fixed.data() + (m0 + m) * a.width + k);
       if (ahead) ahead->step();
-      else if (w.k_mul == kGroup) prefetch(w.at(0, k), R * kStep);
-      for (int p = 0; p < P; ++p) {
-        __m512i wv = row_pair(w, 2 * p, R, k, adjacent);
-        for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_dpwssd_epi32(acc[p][m], wv, xv[m]);
+      if (adjacent && R == kGroup) {  // a packed group: one run of memory, 8 rows x 16 weights per step
+        const int8_t* wp = w.base + k * kGroup;
+        for (int p = 0; p < P; ++p) {
+          __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 2 * p * kStep)));
+          for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_dpwssd_epi32(acc[p][m], wv, xv[m]);
+        }
+      } else {
+        for (int p = 0; p < P; ++p) {
+          __m512i wv = row_pair(w, 2 * p, R, k, adjacent);
+          for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_dpwssd_epi32(acc[p][m], wv, xv[m]);
+        }
       }
     }
     for (int m = 0; m < MT; ++m) {
