@@ -565,11 +565,15 @@ inline void rows_against_all(const Rows<W>& w, const Activations& a, int64_t n0,
   }
 }
 
+constexpr int64_t kTileBytes = 256 << 10;
+
 template <typename W, typename T>
 void linear_rows(const W* w, int64_t N, const Activations& a, bool packed, const Epilogue<T>& out) {
   int64_t ld = packed ? a.width : a.K;  // elements per row (packed rows are padded to a multiple of 16)
   int64_t grouped = packed ? N / kGroup * kGroup : N / 4 * 4;
-  constexpr int64_t kRows = 32;  // weight rows per work item
+  // Weight rows per work item: about kTileBytes of weights (a multiple of 8 rows, at least 32), so
+  // each thread streams long runs of memory, yet a call still has several items per thread.
+  int64_t kRows = std::max<int64_t>(32, kTileBytes / static_cast<int64_t>(ld * sizeof(W)) / kGroup * kGroup);
   for_each_tile((N + kRows - 1) / kRows, [&](int64_t t) {
     int64_t n = t * kRows, end = std::min(N, n + kRows), tiled = std::min(end, grouped);
     while (n < tiled) {
