@@ -1,7 +1,7 @@
 """The linear kernels alone, per activation row count, over a model's worth of weights.
 
 Weights stream from memory (they are far larger than the caches), as in decode. This is where
-`kernels.SKINNY_ROWS` comes from, and it shows what the native kernel buys over PyTorch's bf16
+`kernels.skinny_rows` comes from, and it shows what the native kernel buys over PyTorch's bf16
 GEMM and over `torch._weight_int8pack_mm` (PyTorch's own int8 weight-only kernel).
 """
 

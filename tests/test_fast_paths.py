@@ -69,11 +69,12 @@ def test_avx2_build_passes_these_tests_too() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 32])
 @pytest.mark.parametrize("k", [96, 100])
-def test_skinny_linear(dtype: torch.dtype, rows: int, k: int) -> None:
-    """Any row count up to the threshold, K with and without a tail of < 8, weight rows not a multiple of 4 or 16."""
+def test_skinny_linear(ops, dtype: torch.dtype, rows: int, k: int) -> None:
+    """Any row count up to 32, K with and without a tail of < 8, weight rows not a multiple of 4 or 16: the
+    native op itself and `linear` (which may hand a plain weight to the GEMM from fewer rows on)."""
     x, w = rand(rows, k, dtype=dtype), rand(37, k, dtype=dtype, seed=1) / 8
     exact = x.double() @ w.double().T
-    assert near(linear(x, w), exact, dtype) and near(plain_linear(x, w), exact, dtype)
+    assert near(ops.linear(x, w), exact, dtype) and near(linear(x, w), exact, dtype) and near(plain_linear(x, w), exact, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
@@ -105,7 +106,7 @@ def test_pack_weights_streams_one_buffer_in_decode_order() -> None:
         assert m.packed and torch.equal(m.weight, kernels.load().pack(before[name]))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 32, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 32, 40, 300])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_packed_linear(ops, rows: int, quantized: bool) -> None:
     """Packed bf16 or int8 weights (native kernel up to the threshold, unpacked GEMM above) against the plain path."""

@@ -23,9 +23,6 @@ from types import ModuleType
 
 import torch
 
-# Activation rows up to which the native linear beats PyTorch's GEMM (benchmarks/kernels.py).
-SKINNY_ROWS = 32
-
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 _NATIVE_DTYPES = (torch.bfloat16, torch.float32)
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread"]
@@ -66,6 +63,18 @@ def wide_build() -> bool:
     except (OSError, StopIteration):
         return False
     return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"} <= set(flags)
+
+
+def skinny_rows(packed: bool) -> int:
+    """Activation rows up to which the native linear beats PyTorch's GEMM (benchmarks/kernels.py).
+
+    AVX2: 32. AVX-512 with bf16 units, where PyTorch's bf16 GEMM is fast: 8 against a plain weight,
+    and 256 against a packed one, which the GEMM would first have to unpack.
+    """
+    module = _state["module"] if _state["tried"] else load()
+    if module is None or not module.wide:
+        return 32
+    return 256 if packed else 8
 
 
 def load_seconds() -> float | None:

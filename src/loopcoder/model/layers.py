@@ -71,7 +71,7 @@ def linear(
     A few rows (decode) on the CPU take the native kernel, which streams each weight row once.
     """
     rows = x.numel() // x.shape[-1]
-    ops = kernels.native(x) if rows <= kernels.SKINNY_ROWS else None
+    ops = kernels.native(x) if rows <= kernels.skinny_rows(packed) else None
     if ops is not None:
         if x.dim() == 2 and x.is_contiguous() and (residual is None or residual.is_contiguous()):  # decode: no reshapes
             return ops.linear(x, weight, scale, residual, swiglu, packed)
