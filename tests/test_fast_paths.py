@@ -155,6 +155,27 @@ def test_int8_quantization_matches_torch_and_dequantized_reference(dtype: torch.
         assert near(linear(x, q, scale), exact, dtype, fp32_ulp=2**-13) and near(plain_linear(x, q, scale), exact, dtype)
 
 
+@pytest.mark.skipif(not kernels.wide_build(), reason="the native prefill attention is built on AVX512-BF16 CPUs only")
+@pytest.mark.parametrize(("tokens", "first", "heads", "kv_heads", "head_dim"), [(37, 0, 16, 4, 64), (70, 100, 8, 2, 128), (5, 3, 6, 3, 64)])
+def test_prefill_attention_matches_sdpa(ops, tokens: int, first: int, heads: int, kv_heads: int, head_dim: int) -> None:
+    """Causal attention of new tokens at positions first.. over cache rows `slots` (scattered, as paged
+    blocks are): within bf16 rounding of a float64 reference, as PyTorch's own bf16 attention is."""
+    length = first + tokens
+    q = rand(tokens, heads, head_dim, dtype=torch.bfloat16, seed=11)
+    keys, values = (rand(length + 9, kv_heads, head_dim, dtype=torch.bfloat16, seed=seed) for seed in (12, 13))
+    slots = torch.randperm(length + 9, generator=torch.Generator().manual_seed(14))[:length]
+    mask = torch.arange(length)[None, :] <= (first + torch.arange(tokens))[:, None]
+
+    def reference(q, k, v):
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(0, 1)
+
+    exact = reference(q.double(), keys[slots].double(), values[slots].double())
+    got = ops.prefill_attention(q, keys, values, slots, first)
+    assert got.shape == q.shape and got.dtype == torch.bfloat16
+    assert near(got, exact, torch.bfloat16) and near(reference(q, keys[slots], values[slots]), exact, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_and_rope(dtype: torch.dtype) -> None:
     from loopcoder.model.layers import RMSNorm, RotaryEmbedding
@@ -179,11 +200,12 @@ def test_rms_norm_and_rope(dtype: torch.dtype) -> None:
 # -- whole model over the paged engine --------------------------------------------------------------
 
 
-def tiny_model(dtype: torch.dtype, loop_num: int = 2, window: int = 5, seed: int = 0) -> LoopCoderForCausalLM:
-    """Random weights with random gates (both branches matter), head_dim 16 (the decode attention kernel's case)."""
+def tiny_model(dtype: torch.dtype, loop_num: int = 2, window: int = 5, seed: int = 0, head_dim: int = 16) -> LoopCoderForCausalLM:
+    """Random weights with random gates (both branches matter), head_dim 16 (the decode attention kernel's
+    case) unless given (64: the prefill attention kernel's too)."""
     config = LoopCoderConfig.from_dict({
         "model_type": "iquestloopcoder", "vocab_size": 101, "hidden_size": 64, "intermediate_size": 96,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": head_dim,
         "loop_num": loop_num, "loop_window_size": window, "torch_dtype": "float32",
     })
     model = LoopCoderForCausalLM(config, dtype)
@@ -221,9 +243,10 @@ def test_fp32_model_fast_equals_plain(loop_num: int) -> None:
     assert (fast - dense).abs().max() < 1e-4
 
 
-def test_bf16_model_fast_within_bf16_tolerance() -> None:
-    reference = run_engine(tiny_model(torch.float32), PROMPT, 5, 12, plain=True)
-    model = tiny_model(torch.bfloat16)
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_bf16_model_fast_within_bf16_tolerance(head_dim: int) -> None:
+    reference = run_engine(tiny_model(torch.float32, head_dim=head_dim), PROMPT, 5, 12, plain=True)
+    model = tiny_model(torch.bfloat16, head_dim=head_dim)
     fast = run_engine(model, PROMPT, 5, 12, plain=False)
     plain = run_engine(model, PROMPT, 5, 12, plain=True)
     bf16_error = (plain - reference).abs().max()

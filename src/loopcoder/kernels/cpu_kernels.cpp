@@ -19,6 +19,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <condition_variable>
 #include <functional>
 #include <memory>
@@ -573,9 +574,9 @@ void linear_rows(const W* w, int64_t N, const Activations& a, bool packed, const
   int64_t grouped = packed ? N / kGroup * kGroup : N / 4 * 4;
   // Weight rows per work item: about kTileBytes of weights (a multiple of 8 rows, at least 32), so
   // each thread streams long runs of memory, yet a call still has several items per thread.
-  int64_t kRows = std::max<int64_t>(32, kTileBytes / static_cast<int64_t>(ld * sizeof(W)) / kGroup * kGroup);
-  for_each_tile((N + kRows - 1) / kRows, [&](int64_t t) {
-    int64_t n = t * kRows, end = std::min(N, n + kRows), tiled = std::min(end, grouped);
+  int64_t rows = std::max<int64_t>(32, kTileBytes / static_cast<int64_t>(ld * sizeof(W)) / kGroup * kGroup);
+  for_each_tile((N + rows - 1) / rows, [&](int64_t t) {
+    int64_t n = t * rows, end = std::min(N, n + rows), tiled = std::min(end, grouped);
     while (n < tiled) {
       if (packed) {
         rows_against_all<kGroup>(Rows<W>{w + n * ld, kGroup, kStep}, a, n, out);
@@ -1038,6 +1039,198 @@ torch::Tensor gated_decode_attention(const torch::Tensor& q, const torch::Tensor
                             gate_b, k_new, v_new);
 }
 
+#ifdef LOOPCODER_WIDE
+// ---- prefill attention: causal, over loop 0's keys (AVX-512 builds) ---------------------------
+//
+// softmax(q k^T / sqrt(D)) v for T new tokens at positions first..first+T-1 over the keys at
+// positions 0..first+T-1, each query seeing the keys at or before its position. Flash style: four
+// query rows at a time keep a running max and sum over chunks of 64 keys, so scores never leave
+// L1. Both products run on vdpbf16ps. The keys are laid out per 16 keys as (d, d+1) pairs, so one
+// register holds a pair of dimensions for 16 keys and a broadcast query pair multiplies all 16;
+// the values as (j, j+1) pairs for 16 dimensions, multiplied by a broadcast pair of
+// probabilities. The probabilities are rounded to bf16 for that product, as PyTorch's flash
+// attention on the CPU rounds them; the scores, sums and outputs stay in fp32.
+constexpr int64_t kKeyChunk = 64;  // keys per step of the running softmax: 4 registers of 16
+constexpr int kQueryRows = 4;      // query rows (token, head) sharing each key and value load
+constexpr int64_t kTokensPerItem = 16;
+
+// e^x for x <= 0 (-inf gives 0), as exp8.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
+}
+
+inline __m512bh pair_of(const BF16* p) {
+  int32_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return (__m512bh)_mm512_set1_epi32(bits);
+}
+
+// One KV head's keys and values in the pair layouts above, read through the sequence's slots;
+// positions past the last key are zero (and never visible).
+struct PairedKV {
+  std::vector<BF16> keys, values;  // [chunks * 4][D / 2][16][2], [chunks * 32][D][2]
+  int64_t D;
+
+  const BF16* key_pairs(int64_t block, int64_t dp) const { return keys.data() + (block * (D / 2) + dp) * 32; }
+  const BF16* value_pairs(int64_t jp, int64_t d) const { return values.data() + (jp * D + d) * 2; }
+};
+
+void pair_up(PairedKV& kv, const BF16* keys, const BF16* values, const int64_t* slots, int64_t L, int64_t KVH, int64_t h, int64_t D) {
+  int64_t padded = round_up(L, kKeyChunk);
+  kv.D = D;
+  kv.keys.assign(padded * D, BF16(0.0f));
+  kv.values.assign(padded * D, BF16(0.0f));
+  for (int64_t j = 0; j < L; ++j) {
+    const BF16* k = keys + (slots[j] * KVH + h) * D;
+    const BF16* v = values + (slots[j] * KVH + h) * D;
+    for (int64_t d = 0; d < D; ++d) {
+      kv.keys[((j / 16 * (D / 2) + d / 2) * 16 + j % 16) * 2 + d % 2] = k[d];
+      kv.values[((j / 2) * D + d) * 2 + j % 2] = v[d];
+    }
+  }
+}
+
+// Rows (token, head) of one query tile: where each query starts, its position, and its running
+// max, sum and output.
+struct QueryTile {
+  const BF16* q[kQueryRows];
+  int64_t pos[kQueryRows];
+  float max[kQueryRows], sum[kQueryRows];
+  float* out;  // [kQueryRows][D] fp32
+};
+
+template <int64_t D>
+void attend_tile(QueryTile& t, const PairedKV& kv, float scale, BF16* probs) {
+  int64_t first = *std::min_element(t.pos, t.pos + kQueryRows), last = *std::max_element(t.pos, t.pos + kQueryRows);
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t j0 = 0; j0 <= last; j0 += kKeyChunk) {
+    __m512 s[kQueryRows][4];
+    for (int r = 0; r < kQueryRows; ++r)
+      for (int b = 0; b < 4; ++b) s[r][b] = _mm512_setzero_ps();
+    for (int64_t dp = 0; dp < D / 2; ++dp) {
+      __m512bh k[4];
+      for (int b = 0; b < 4; ++b) k[b] = (__m512bh)_mm512_loadu_si512(kv.key_pairs(j0 / 16 + b, dp));
+      for (int r = 0; r < kQueryRows; ++r) {
+        __m512bh qp = pair_of(t.q[r] + 2 * dp);
+        for (int b = 0; b < 4; ++b) s[r][b] = _mm512_dpbf16_ps(s[r][b], k[b], qp);
+      }
+    }
+    bool masked = j0 + kKeyChunk - 1 > first;
+    for (int r = 0; r < kQueryRows; ++r) {
+      __mmask16 seen[4];
+      __m512 top = _mm512_set1_ps(-INFINITY);
+      for (int b = 0; b < 4; ++b) {
+        seen[b] = masked ? _mm512_cmple_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j0 + 16 * b))),
+                                                   _mm512_set1_epi32(static_cast<int>(t.pos[r])))
+                         : __mmask16(0xFFFF);
+        s[r][b] = _mm512_mul_ps(s[r][b], _mm512_set1_ps(scale));
+        top = _mm512_mask_max_ps(top, seen[b], top, s[r][b]);
+      }
+      float m = std::max(t.max[r], _mm512_reduce_max_ps(top));
+      float alpha = std::exp(t.max[r] - m);  // 0 on the first chunk (max -inf)
+      __m512 total = _mm512_setzero_ps();
+      for (int b = 0; b < 4; ++b) {
+        __m512 e = _mm512_maskz_mov_ps(seen[b], exp16(_mm512_sub_ps(s[r][b], _mm512_set1_ps(m))));
+        total = _mm512_add_ps(total, e);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + r * kKeyChunk + 16 * b), (__m256i)_mm512_cvtneps_pbh(e));
+      }
+      t.sum[r] = t.sum[r] * alpha + _mm512_reduce_add_ps(total);
+      t.max[r] = m;
+      if (alpha != 1.0f)
+        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(t.out + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(t.out + r * D + d), _mm512_set1_ps(alpha)));
+    }
+    int64_t pairs = (std::min(last, j0 + kKeyChunk - 1) - j0) / 2 + 1;
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      __m512 o[kQueryRows][4];
+      for (int r = 0; r < kQueryRows; ++r)
+        for (int c = 0; c < 4; ++c) o[r][c] = _mm512_loadu_ps(t.out + r * D + d0 + 16 * c);
+      for (int64_t jp = 0; jp < pairs; ++jp) {
+        __m512bh v[4];
+        for (int c = 0; c < 4; ++c) v[c] = (__m512bh)_mm512_loadu_si512(kv.value_pairs(j0 / 2 + jp, d0 + 16 * c));
+        for (int r = 0; r < kQueryRows; ++r) {
+          __m512bh pp = pair_of(probs + r * kKeyChunk + 2 * jp);
+          for (int c = 0; c < 4; ++c) o[r][c] = _mm512_dpbf16_ps(o[r][c], v[c], pp);
+        }
+      }
+      for (int r = 0; r < kQueryRows; ++r)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(t.out + r * D + d0 + 16 * c, o[r][c]);
+    }
+  }
+}
+
+template <int64_t D>
+void prefill_attention_d(const BF16* q, const BF16* keys, const BF16* values, const int64_t* slots, int64_t first, int64_t T, int64_t H,
+                         int64_t KVH, BF16* out) {
+  int64_t G = H / KVH, L = first + T, blocks = (T + kTokensPerItem - 1) / kTokensPerItem;
+  std::vector<PairedKV> paired(KVH);
+  for_each_tile(KVH, [&](int64_t h) { pair_up(paired[h], keys, values, slots, L, KVH, h, D); });
+  float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  for_each_tile(KVH * blocks, [&](int64_t item) {
+    int64_t h = item % KVH, block = blocks - 1 - item / KVH;  // the longest rows first
+    int64_t t0 = block * kTokensPerItem, rows = (std::min(T, t0 + kTokensPerItem) - t0) * G;
+    thread_local std::vector<float> acc;
+    thread_local std::vector<BF16> probs;
+    acc.resize(kQueryRows * D);
+    probs.resize(kQueryRows * kKeyChunk);
+    for (int64_t r0 = 0; r0 < rows; r0 += kQueryRows) {
+      QueryTile t;
+      t.out = acc.data();
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int r = 0; r < kQueryRows; ++r) {
+        int64_t row = std::min(r0 + r, rows - 1);  // a short last tile repeats its last row
+        int64_t token = t0 + row / G, head = h * G + row % G;
+        t.q[r] = q + (token * H + head) * D;
+        t.pos[r] = first + token;
+        t.max[r] = -INFINITY;
+        t.sum[r] = 0.0f;
+      }
+      attend_tile<D>(t, paired[h], scale, probs.data());
+      for (int r = 0; r < kQueryRows && r0 + r < rows; ++r) {
+        int64_t row = r0 + r, token = t0 + row / G, head = h * G + row % G;
+        float inv = 1.0f / t.sum[r];
+        for (int64_t d = 0; d < D; ++d) out[(token * H + head) * D + d] = static_cast<BF16>(acc[r * D + d] * inv);
+      }
+    }
+  });
+}
+
+torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values, const torch::Tensor& slots,
+                                int64_t first) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == torch::kBFloat16, "prefill_attention: q [T, H, D] bf16");
+  TORCH_CHECK(keys.dim() == 3 && keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes() &&
+              keys.scalar_type() == torch::kBFloat16 && values.scalar_type() == torch::kBFloat16, "prefill_attention: keys/values [S, KVH, D] bf16");
+  TORCH_CHECK(slots.dim() == 1 && slots.is_contiguous() && slots.scalar_type() == torch::kLong, "prefill_attention: slots [L] int64");
+  int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = keys.size(1);
+  TORCH_CHECK(keys.size(2) == D && H % KVH == 0 && slots.size(0) == first + T && first >= 0, "prefill_attention: shapes disagree");
+  auto out = torch::empty_like(q);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t j = 0; j < slots.size(0); ++j) TORCH_CHECK(sp[j] >= 0 && sp[j] < keys.size(0), "prefill_attention: slot out of range");
+  auto run = [&](auto d) {
+    prefill_attention_d<decltype(d)::value>(q.data_ptr<BF16>(), keys.data_ptr<BF16>(), values.data_ptr<BF16>(), sp, first, T, H, KVH,
+                                            out.data_ptr<BF16>());
+  };
+  switch (D) {
+    case 64: run(std::integral_constant<int64_t, 64>()); break;
+    case 128: run(std::integral_constant<int64_t, 128>()); break;
+    case 256: run(std::integral_constant<int64_t, 256>()); break;
+    default: TORCH_CHECK(false, "prefill_attention: head_dim 64, 128 or 256");
+  }
+  return out;
+}
+#endif
+
 // ---- one decoder layer of a decode step --------------------------------------------------------
 //
 // The ops above in DecoderLayer's order, in one call: norm, qkv, RoPE, (gated) decode attention
@@ -1127,5 +1320,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_new") = py::none());
   m.def("fma_peak_gflops", &fma_peak_gflops, "GFLOP/s of independent fp32 FMAs on registers, on PyTorch's threads (a ceiling)");
   m.attr("wide") = kWide;
+#ifdef LOOPCODER_WIDE
+  m.def("prefill_attention", &prefill_attention, "causal attention of T new tokens at positions first.. over the keys/values at "
+        "positions 0..first+T-1 (cache rows `slots`), bf16, head_dim 64/128/256", py::arg("q"), py::arg("keys"), py::arg("values"),
+        py::arg("slots"), py::arg("first"));
+#endif
   m.def("decode_layer", &decode_layer, "one decoder layer of a decode step (one new token per sequence), in one call");
 }

