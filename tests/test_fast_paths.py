@@ -138,6 +138,16 @@ def test_many_rows_as_exact_as_the_bf16_gemm() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_of_many_rows(ops, dtype: torch.dtype) -> None:
+    """The native SiLU-and-product of a prompt's rows (21 columns: a tail of 5 past the 8-wide steps) against PyTorch's ops."""
+    x = rand(50, 42, dtype=dtype, seed=15) * 4
+    gate, up = x.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    ulp = 1e-6 if dtype == torch.float32 else 2**-7
+    assert torch.allclose(ops.swiglu(x).float(), expected.float(), rtol=ulp, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_quantization_matches_torch_and_dequantized_reference(dtype: torch.dtype) -> None:
     w = rand(70, 96, dtype=dtype, seed=3)
     w[5] = 0  # an all-zero row gets scale 1

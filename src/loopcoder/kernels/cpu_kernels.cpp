@@ -240,6 +240,35 @@ struct Rows {
   inline const W* at(int r, int64_t k) const { return base + k * k_mul + r * r_stride; }
 };
 
+// Eight fp32 lanes rounded to T (bf16: to nearest even, NaN kept), still as fp32; and stored as T.
+template <typename T>
+inline __m256 round8(__m256 v) {
+  if constexpr (std::is_same<T, float>::value) return v;
+  __m256i bits = _mm256_castps_si256(v);
+  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_and_si256(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(BF16* p, __m256 v) {  // v already rounded to bf16: its high halves
+  __m256i high = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1)));
+}
+
+// dst[k] = silu(gate[k]) * up[k] for k < K, 8 at a time; the SiLU and the product are each rounded
+// to T, as PyTorch's two ops round them.
+template <typename T, typename Out>
+inline void swiglu_row(const T* gate, const T* up, int64_t K, Out* dst) {
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) store8(dst + k, round8<T>(_mm256_mul_ps(round8<T>(silu8(load8(gate + k))), load8(up + k))));
+  if (k == K) return;
+  float lanes[8] = {}, ups[8] = {};  // the tail through padded copies
+  for (int64_t i = 0; i < K - k; ++i) lanes[i] = static_cast<float>(gate[k + i]), ups[i] = static_cast<float>(up[k + i]);
+  _mm256_storeu_ps(lanes, round8<T>(_mm256_mul_ps(round8<T>(silu8(_mm256_loadu_ps(lanes))), _mm256_loadu_ps(ups))));
+  for (int64_t i = 0; i < K - k; ++i) dst[k + i] = static_cast<Out>(lanes[i]);
+}
+
 // One call's activations, in the layouts the inner loops read.
 struct Activations {
   int64_t M, K, width, body, blocks;  // width: K rounded up to kStep; body: the columns the vector loops cover
@@ -258,15 +287,8 @@ Activations prepare(const T* x, int64_t M, int64_t K, bool swiglu, c10::ScalarTy
   for (int64_t m = 0; m < M; ++m) {
     const T* row = x + m * ld;
     float* dst = a.natural.data() + m * K;
-    for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(row[k]);
-    if (!swiglu) continue;
-    for (int64_t k = 0; k < K; k += 8) {  // silu(gate) 8 at a time (the tail through a padded copy)
-      float lanes[8] = {};
-      int64_t n = std::min<int64_t>(8, K - k);
-      std::copy(dst + k, dst + k + n, lanes);
-      _mm256_storeu_ps(lanes, silu8(_mm256_loadu_ps(lanes)));
-      for (int64_t i = 0; i < n; ++i) dst[k + i] = rnd<T>(rnd<T>(lanes[i]) * static_cast<float>(row[K + k + i]));
-    }
+    if (swiglu) swiglu_row(row, row + K, K, dst);
+    else for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(row[k]);
   }
   auto value = [&](int64_t m, int64_t k) { return k < K ? a.natural[m * K + k] : 0.0f; };
   if (kWide && weight_type == torch::kBFloat16 && std::is_same<T, BF16>::value) {  // bf16 values: exact as bf16 pairs
@@ -623,6 +645,23 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const c10::
     TORCH_CHECK(x.scalar_type() == torch::kFloat, "linear: activations must be bfloat16 or float32");
     linear_typed<float>(x, w, K, s, residual ? residual->data_ptr<float>() : nullptr, swiglu, packed, y);
   }
+  return y;
+}
+
+// silu(gate) * up of rows x = [gate | up]: the SwiGLU of a prompt's rows, before the GEMM of the
+// down projection (decode fuses it into the linear kernel's activations instead).
+torch::Tensor swiglu(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) % 2 == 0, "swiglu: contiguous x [M, 2I]");
+  int64_t M = x.size(0), I = x.size(1) / 2;
+  auto y = torch::empty({M, I}, x.options());
+  auto run = [&](auto* in, auto* out) {
+    for_each_tile((M + 7) / 8, [&](int64_t t) {
+      for (int64_t m = t * 8; m < std::min(M, (t + 1) * 8); ++m) swiglu_row(in + m * 2 * I, in + m * 2 * I + I, I, out + m * I);
+    });
+  };
+  if (x.scalar_type() == torch::kBFloat16) run(x.data_ptr<BF16>(), y.data_ptr<BF16>());
+  else if (x.scalar_type() == torch::kFloat) run(x.data_ptr<float>(), y.data_ptr<float>());
+  else TORCH_CHECK(false, "swiglu: bfloat16 or float32");
   return y;
 }
 
@@ -1303,6 +1342,7 @@ double fma_peak_gflops(int64_t iterations) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "residual + x . w^T (* scale), x optionally [gate | up] for SwiGLU", py::arg("x"), py::arg("w"),
         py::arg("scale") = py::none(), py::arg("residual") = py::none(), py::arg("swiglu") = false, py::arg("packed") = false);
+  m.def("swiglu", &swiglu, "silu(gate) * up of rows [gate | up], each op rounded to the dtype as PyTorch rounds it");
   m.def("pack", &pack, "weight rows laid out for the linear kernel (groups of 8 rows in 16-wide chunks), optionally written into `into`",
         py::arg("w"), py::arg("into") = py::none());
   m.def("unpack", &unpack, "the plain [N, K] weight back from `pack`'s layout");

@@ -82,8 +82,12 @@ def linear(
     if packed:
         weight = kernels.load().unpack(weight, x.shape[-1] // 2 if swiglu else x.shape[-1])
     if swiglu:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
+        ops = kernels.native(x)
+        if ops is not None and x.is_contiguous():
+            x = ops.swiglu(x.view(-1, x.shape[-1])).view(*x.shape[:-1], x.shape[-1] // 2)
+        else:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
     y = matmul(x, weight, scale)
     return y if residual is None else residual + y
 
