@@ -1,9 +1,10 @@
 """The machine's ceilings, measured in the same run as the figures they bound.
 
 Memory read bandwidth bounds batch-1 decode (every weight is read once per loop per token);
-GEMM throughput bounds prefill; the fp32 FMA peak bounds batched decode (each bf16 weight is
-widened and multiplied in fp32). Bandwidth and GEMM use PyTorch's own kernels on all of its
-threads, the FMA peak a register-only loop of the native kernels on as many.
+GEMM throughput bounds prefill; the peak of the native kernel's multiply-add bounds batched
+decode (vdpbf16ps on AVX512-BF16 CPUs; elsewhere each bf16 weight is widened and multiplied by
+fp32 FMAs). Bandwidth and GEMM use PyTorch's own kernels on all of its threads, the peak a
+register-only loop of the native kernels on as many.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def gemm_gflops(dtype: torch.dtype, m: int = 2048, k: int = 1024, n: int = 2816,
     return 2 * m * k * n / median_seconds(lambda: torch.nn.functional.linear(x, w), repeats) / 1e9
 
 
-def fma_peak_gflops(iterations: int = 20_000_000) -> float | None:
-    """GFLOP/s of independent fp32 FMAs on registers (None without the native kernels)."""
+def product_peak_gflops(iterations: int = 20_000_000) -> float | None:
+    """GFLOP/s of independent multiply-adds of the batched bf16 kernel's instruction on registers
+    (vdpbf16ps in an AVX-512 build, fp32 FMA in an AVX2 one; None without the native kernels)."""
     ops = kernels.load()
-    return None if ops is None else ops.fma_peak_gflops(iterations)
+    return None if ops is None else ops.product_peak_gflops(iterations)

@@ -1294,47 +1294,50 @@ torch::Tensor decode_layer(const torch::Tensor& h, const torch::Tensor& cos, con
   return linear(gate_up, down_w, down_scale, mid, true, packed);
 }
 
-// ---- the machine's fp32 FMA peak (a benchmark ceiling) --------------------------------------------
+// ---- the peak of the batched kernel's multiply-add (a benchmark ceiling) -----------------------
 //
-// GFLOP/s of independent FMAs on registers as wide as the build's (256 or 512 bits), on PyTorch's
-// number of threads: what no kernel that multiplies in fp32 can pass. A GEMM library's own
-// throughput sits below it.
-constexpr int kChains = 12;  // more independent sums than FMA latency x throughput on any AVX2/AVX-512 core
+// GFLOP/s of independent multiply-adds on registers, on PyTorch's number of threads, of the
+// instruction that multiplies bf16 weights by several activation rows: vdpbf16ps (16 lanes x 2
+// products) in an AVX-512 build, the fp32 FMA (8 lanes) in an AVX2 one. No batched decode can pass it.
+constexpr int kChains = 12;  // more independent sums than latency x throughput on any AVX2/AVX-512 core
 #ifdef LOOPCODER_WIDE
 using Lanes = __m512;
-inline Lanes fma_lanes(Lanes a, Lanes b, Lanes c) { return _mm512_fmadd_ps(a, b, c); }
+constexpr int64_t kFlopsPerOp = 64;
+inline Lanes multiply_add(Lanes acc) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(0x3f7f3f7f), (__m512bh)_mm512_set1_epi32(0x38d138d1));
+}
 inline Lanes splat(float v) { return _mm512_set1_ps(v); }
 inline float lanes_sum(Lanes v) { return _mm512_reduce_add_ps(v); }
 #else
 using Lanes = __m256;
-inline Lanes fma_lanes(Lanes a, Lanes b, Lanes c) { return _mm256_fmadd_ps(a, b, c); }
+constexpr int64_t kFlopsPerOp = 16;
+inline Lanes multiply_add(Lanes acc) { return _mm256_fmadd_ps(acc, _mm256_set1_ps(0.9999f), _mm256_set1_ps(1e-4f)); }
 inline Lanes splat(float v) { return _mm256_set1_ps(v); }
 inline float lanes_sum(Lanes v) { return hsum(v); }
 #endif
 
 // Not inlined: inlined into its caller, GCC 12 spilled every sum to the stack on each iteration.
-__attribute__((noinline)) float fma_chains(int64_t iterations) {
+__attribute__((noinline)) float multiply_add_chains(int64_t iterations) {
   Lanes acc[kChains];
   for (int c = 0; c < kChains; ++c) acc[c] = splat(0.001f * c);
-  const Lanes a = splat(0.9999f), b = splat(1e-4f);
   for (int64_t i = 0; i < iterations; ++i)
-    for (int c = 0; c < kChains; ++c) acc[c] = fma_lanes(acc[c], a, b);
+    for (int c = 0; c < kChains; ++c) acc[c] = multiply_add(acc[c]);
   float total = 0.0f;
   for (int c = 0; c < kChains; ++c) total += lanes_sum(acc[c]);
   return total;
 }
 
-double fma_peak_gflops(int64_t iterations) {
+double product_peak_gflops(int64_t iterations) {
   int64_t threads = at::get_num_threads();
   std::vector<float> sums(threads);
   auto start = std::chrono::steady_clock::now();
   std::vector<std::thread> helpers;
-  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back([&, t] { sums[t] = fma_chains(iterations); });
-  sums[0] = fma_chains(iterations);
+  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back([&, t] { sums[t] = multiply_add_chains(iterations); });
+  sums[0] = multiply_add_chains(iterations);
   for (auto& h : helpers) h.join();
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  TORCH_CHECK(std::isfinite(std::accumulate(sums.begin(), sums.end(), 0.0f)), "fma_peak_gflops: lost the sums");
-  return threads * iterations * kChains * (sizeof(Lanes) / 4) * 2 / seconds / 1e9;  // 2 FLOPs per lane per FMA
+  TORCH_CHECK(std::isfinite(std::accumulate(sums.begin(), sums.end(), 0.0f)), "product_peak_gflops: lost the sums");
+  return threads * iterations * kChains * kFlopsPerOp / seconds / 1e9;
 }
 
 }  // namespace
@@ -1358,7 +1361,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("keys"), py::arg("values"), py::arg("table"), py::arg("local_keys"), py::arg("local_values"), py::arg("local_table"),
         py::arg("block_size"), py::arg("window"), py::arg("gate_w"), py::arg("gate_b"), py::arg("k_new") = py::none(),
         py::arg("v_new") = py::none());
-  m.def("fma_peak_gflops", &fma_peak_gflops, "GFLOP/s of independent fp32 FMAs on registers, on PyTorch's threads (a ceiling)");
+  m.def("product_peak_gflops", &product_peak_gflops, "GFLOP/s of independent multiply-adds of the batched bf16 kernel's "
+        "instruction (vdpbf16ps or fp32 FMA) on registers, on PyTorch's threads (a ceiling)");
   m.attr("wide") = kWide;
 #ifdef LOOPCODER_WIDE
   m.def("prefill_attention", &prefill_attention, "causal attention of T new tokens at positions first.. over the keys/values at "
