@@ -55,6 +55,13 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 inline int32_t hsum(__m128i s) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
@@ -293,8 +300,13 @@ Activations prepare(const T* x, int64_t M, int64_t K, bool swiglu, c10::ScalarTy
   auto value = [&](int64_t m, int64_t k) { return k < K ? a.natural[m * K + k] : 0.0f; };
   if (kWide && weight_type == torch::kBFloat16 && std::is_same<T, BF16>::value) {  // bf16 values: exact as bf16 pairs
     a.pairs.resize(M * width);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < width; ++k) a.pairs[m * width + k] = static_cast<BF16>(value(m, k));
+    for (int64_t m = 0; m < M; ++m) {
+      const float* src = a.natural.data() + m * K;
+      BF16* dst = a.pairs.data() + m * width;
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) store8(dst + k, _mm256_loadu_ps(src + k));
+      for (; k < K; ++k) dst[k] = static_cast<BF16>(src[k]);
+    }
   } else if (weight_type == torch::kBFloat16) {
     a.split.resize(M * width);
     for (int64_t m = 0; m < M; ++m)
@@ -306,15 +318,25 @@ Activations prepare(const T* x, int64_t M, int64_t K, bool swiglu, c10::ScalarTy
   } else if (weight_type == torch::kChar) {
     a.fixed.resize(M * width);
     a.fixed_scale.resize(M * a.blocks);
-    for (int64_t m = 0; m < M; ++m)
+    std::vector<float> row(width, 0.0f);  // one row, zero-padded; blocks span multiples of 16 columns
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t m = 0; m < M; ++m) {
+      std::copy(a.natural.data() + m * K, a.natural.data() + (m + 1) * K, row.begin());
       for (int64_t b = 0; b < a.blocks; ++b) {
         int64_t first = b * kBlock, end = std::min(body, first + kBlock);
-        float top = 0.0f;
-        for (int64_t k = first; k < end; ++k) top = std::max(top, std::fabs(value(m, k)));
+        __m256 top8 = _mm256_setzero_ps();
+        for (int64_t k = first; k < end; k += 8) top8 = _mm256_max_ps(top8, _mm256_andnot_ps(sign, _mm256_loadu_ps(&row[k])));
+        float top = hmax(top8);
         float s = top > 0.0f ? top / 32767.0f : 1.0f;
         a.fixed_scale[m * a.blocks + b] = s;
-        for (int64_t k = first; k < end; ++k) a.fixed[m * width + k] = static_cast<int16_t>(std::nearbyint(value(m, k) / s));
+        __m256 sv = _mm256_set1_ps(s);
+        for (int64_t k = first; k < end; k += 8) {  // value / s rounded to nearest even, as std::nearbyint
+          __m256i q = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(&row[k]), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(a.fixed.data() + m * width + k),
+                           _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+        }
       }
+    }
   }
   return a;
 }
@@ -731,13 +753,6 @@ torch::Tensor packed_rows(const torch::Tensor& p, const torch::Tensor& ids, int6
 }
 
 // ---- int8 quantization: w[N, K] = scale[N] * q[N, K] ---------------------------------------------
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Per row: scale = max|w| / 127 (1 for an all-zero row), q = w / scale rounded to nearest even,
 // exactly as the PyTorch fallback computes it.
