@@ -166,22 +166,29 @@ def test_int8_quantization_matches_torch_and_dequantized_reference(dtype: torch.
 
 
 @pytest.mark.skipif(not kernels.wide_build(), reason="the native prefill attention is built on AVX512-BF16 CPUs only")
-@pytest.mark.parametrize(("tokens", "first", "heads", "kv_heads", "head_dim"), [(37, 0, 16, 4, 64), (70, 100, 8, 2, 128), (5, 3, 6, 3, 64)])
-def test_prefill_attention_matches_sdpa(ops, tokens: int, first: int, heads: int, kv_heads: int, head_dim: int) -> None:
-    """Causal attention of new tokens at positions first.. over cache rows `slots` (scattered, as paged
-    blocks are): within bf16 rounding of a float64 reference, as PyTorch's own bf16 attention is."""
-    length = first + tokens
+@pytest.mark.parametrize(("tokens", "first", "heads", "kv_heads", "head_dim", "window", "key_first"), [
+    (37, 0, 16, 4, 64, 0, 0), (70, 100, 8, 2, 128, 0, 0), (5, 3, 6, 3, 64, 0, 0),  # loop 0's causal attention
+    (37, 0, 16, 4, 64, 5, 0), (70, 100, 8, 2, 128, 64, 37), (130, 9, 4, 2, 64, 64, 0),  # a later loop's window
+    (3, 200, 4, 4, 64, 64, 137), (20, 200, 4, 4, 64, 64, 120),
+])
+def test_prefill_attention_matches_sdpa(ops, tokens: int, first: int, heads: int, kv_heads: int, head_dim: int, window: int,
+                                        key_first: int) -> None:
+    """New tokens at positions first.. over keys at positions key_first.. read through cache rows `slots` (scattered, as
+    paged blocks are), causal and within `window` if given: within bf16 rounding of a float64 reference, as PyTorch's own
+    bf16 attention is."""
+    count = first + tokens - key_first
     q = rand(tokens, heads, head_dim, dtype=torch.bfloat16, seed=11)
-    keys, values = (rand(length + 9, kv_heads, head_dim, dtype=torch.bfloat16, seed=seed) for seed in (12, 13))
-    slots = torch.randperm(length + 9, generator=torch.Generator().manual_seed(14))[:length]
-    mask = torch.arange(length)[None, :] <= (first + torch.arange(tokens))[:, None]
+    keys, values = (rand(count + 9, kv_heads, head_dim, dtype=torch.bfloat16, seed=seed) for seed in (12, 13))
+    slots = torch.randperm(count + 9, generator=torch.Generator().manual_seed(14))[:count]
+    q_pos, k_pos = first + torch.arange(tokens)[:, None], key_first + torch.arange(count)[None, :]
+    mask = (k_pos <= q_pos) & ((k_pos > q_pos - window) if window else True)
 
     def reference(q, k, v):
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).transpose(0, 1)
 
     exact = reference(q.double(), keys[slots].double(), values[slots].double())
-    got = ops.prefill_attention(q, keys, values, slots, first)
+    got = ops.prefill_attention(q, keys, values, slots, first, window, key_first)
     assert got.shape == q.shape and got.dtype == torch.bfloat16
     assert near(got, exact, torch.bfloat16) and near(reference(q, keys[slots], values[slots]), exact, torch.bfloat16)
 

@@ -73,6 +73,7 @@ class ModelRunner:
         q_pos = torch.arange(start, end)
         global_mask = None if start == 0 else positional_mask(q_pos, torch.arange(end), None).to(self.device)
         slots, mask = self._band(seq, start, end)
+        local_first = max(start - self.window + 1, 0)
         return PrefillSpan(
             first=row,
             last=row + end - start,
@@ -80,6 +81,9 @@ class ModelRunner:
             global_mask=global_mask,
             band_slots=self._tensor(slots),
             band_mask=torch.from_numpy(mask).to(self.device),
+            local_slots=self._tensor(self._slots(seq.local_blocks, local_first, end)),
+            local_first=local_first,
+            window=self.window,
         )
 
     def _band(self, seq: Sequence, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:

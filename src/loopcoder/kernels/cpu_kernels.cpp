@@ -1097,7 +1097,8 @@ torch::Tensor gated_decode_attention(const torch::Tensor& q, const torch::Tensor
 // ---- prefill attention: causal, over loop 0's keys (AVX-512 builds) ---------------------------
 //
 // softmax(q k^T / sqrt(D)) v for T new tokens at positions first..first+T-1 over the keys at
-// positions 0..first+T-1, each query seeing the keys at or before its position. Flash style: four
+// positions key_first..first+T-1, each query seeing the keys at or before its position (and, with
+// a window W, after its position - W: a later loop's local branch). Flash style: four
 // query rows at a time keep a running max and sum over chunks of 64 keys, so scores never leave
 // L1. Both products run on vdpbf16ps. The keys are laid out per 16 keys as (d, d+1) pairs, so one
 // register holds a pair of dimensions for 16 keys and a broadcast query pair multiplies all 16;
@@ -1156,20 +1157,21 @@ void pair_up(PairedKV& kv, const BF16* keys, const BF16* values, const int64_t* 
   }
 }
 
-// Rows (token, head) of one query tile: where each query starts, its position, and its running
-// max, sum and output.
+// Rows (token, head) of one query tile: where each query starts, the first and last key it sees,
+// and its running max, sum and output.
 struct QueryTile {
   const BF16* q[kQueryRows];
-  int64_t pos[kQueryRows];
+  int64_t lo[kQueryRows], hi[kQueryRows];
   float max[kQueryRows], sum[kQueryRows];
   float* out;  // [kQueryRows][D] fp32
 };
 
 template <int64_t D>
 void attend_tile(QueryTile& t, const PairedKV& kv, float scale, BF16* probs) {
-  int64_t first = *std::min_element(t.pos, t.pos + kQueryRows), last = *std::max_element(t.pos, t.pos + kQueryRows);
+  int64_t lowest = *std::min_element(t.lo, t.lo + kQueryRows), highest_lo = *std::max_element(t.lo, t.lo + kQueryRows);
+  int64_t lowest_hi = *std::min_element(t.hi, t.hi + kQueryRows), last = *std::max_element(t.hi, t.hi + kQueryRows);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  for (int64_t j0 = 0; j0 <= last; j0 += kKeyChunk) {
+  for (int64_t j0 = lowest / kKeyChunk * kKeyChunk; j0 <= last; j0 += kKeyChunk) {
     __m512 s[kQueryRows][4];
     for (int r = 0; r < kQueryRows; ++r)
       for (int b = 0; b < 4; ++b) s[r][b] = _mm512_setzero_ps();
@@ -1181,13 +1183,14 @@ void attend_tile(QueryTile& t, const PairedKV& kv, float scale, BF16* probs) {
         for (int b = 0; b < 4; ++b) s[r][b] = _mm512_dpbf16_ps(s[r][b], k[b], qp);
       }
     }
-    bool masked = j0 + kKeyChunk - 1 > first;
+    bool masked = j0 < highest_lo || j0 + kKeyChunk - 1 > lowest_hi;
     for (int r = 0; r < kQueryRows; ++r) {
       __mmask16 seen[4];
       __m512 top = _mm512_set1_ps(-INFINITY);
       for (int b = 0; b < 4; ++b) {
-        seen[b] = masked ? _mm512_cmple_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j0 + 16 * b))),
-                                                   _mm512_set1_epi32(static_cast<int>(t.pos[r])))
+        __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j0 + 16 * b)));
+        seen[b] = masked ? _mm512_cmple_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.hi[r]))) &
+                               _mm512_cmpge_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.lo[r])))
                          : __mmask16(0xFFFF);
         s[r][b] = _mm512_mul_ps(s[r][b], _mm512_set1_ps(scale));
         top = _mm512_mask_max_ps(top, seen[b], top, s[r][b]);
@@ -1225,9 +1228,9 @@ void attend_tile(QueryTile& t, const PairedKV& kv, float scale, BF16* probs) {
 }
 
 template <int64_t D>
-void prefill_attention_d(const BF16* q, const BF16* keys, const BF16* values, const int64_t* slots, int64_t first, int64_t T, int64_t H,
-                         int64_t KVH, BF16* out) {
-  int64_t G = H / KVH, L = first + T, blocks = (T + kTokensPerItem - 1) / kTokensPerItem;
+void prefill_attention_d(const BF16* q, const BF16* keys, const BF16* values, const int64_t* slots, int64_t L, int64_t first, int64_t T,
+                         int64_t H, int64_t KVH, int64_t window, int64_t key_first, BF16* out) {
+  int64_t G = H / KVH, blocks = (T + kTokensPerItem - 1) / kTokensPerItem;
   std::vector<PairedKV> paired(KVH);
   for_each_tile(KVH, [&](int64_t h) { pair_up(paired[h], keys, values, slots, L, KVH, h, D); });
   float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -1246,7 +1249,8 @@ void prefill_attention_d(const BF16* q, const BF16* keys, const BF16* values, co
         int64_t row = std::min(r0 + r, rows - 1);  // a short last tile repeats its last row
         int64_t token = t0 + row / G, head = h * G + row % G;
         t.q[r] = q + (token * H + head) * D;
-        t.pos[r] = first + token;
+        t.hi[r] = first + token - key_first;
+        t.lo[r] = window > 0 ? std::max<int64_t>(t.hi[r] - window + 1, 0) : 0;
         t.max[r] = -INFINITY;
         t.sum[r] = 0.0f;
       }
@@ -1261,19 +1265,21 @@ void prefill_attention_d(const BF16* q, const BF16* keys, const BF16* values, co
 }
 
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& keys, const torch::Tensor& values, const torch::Tensor& slots,
-                                int64_t first) {
+                                int64_t first, int64_t window, int64_t key_first) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == torch::kBFloat16, "prefill_attention: q [T, H, D] bf16");
   TORCH_CHECK(keys.dim() == 3 && keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes() &&
               keys.scalar_type() == torch::kBFloat16 && values.scalar_type() == torch::kBFloat16, "prefill_attention: keys/values [S, KVH, D] bf16");
   TORCH_CHECK(slots.dim() == 1 && slots.is_contiguous() && slots.scalar_type() == torch::kLong, "prefill_attention: slots [L] int64");
   int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = keys.size(1);
-  TORCH_CHECK(keys.size(2) == D && H % KVH == 0 && slots.size(0) == first + T && first >= 0, "prefill_attention: shapes disagree");
+  TORCH_CHECK(keys.size(2) == D && H % KVH == 0 && first >= key_first && key_first >= 0 && window >= 0, "prefill_attention: shapes disagree");
+  TORCH_CHECK(slots.size(0) == first + T - key_first, "prefill_attention: one slot per key position key_first..first+T-1");
+  TORCH_CHECK(window == 0 || first - key_first >= std::min<int64_t>(first, window - 1), "prefill_attention: keys start after the window");
   auto out = torch::empty_like(q);
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t j = 0; j < slots.size(0); ++j) TORCH_CHECK(sp[j] >= 0 && sp[j] < keys.size(0), "prefill_attention: slot out of range");
   auto run = [&](auto d) {
-    prefill_attention_d<decltype(d)::value>(q.data_ptr<BF16>(), keys.data_ptr<BF16>(), values.data_ptr<BF16>(), sp, first, T, H, KVH,
-                                            out.data_ptr<BF16>());
+    prefill_attention_d<decltype(d)::value>(q.data_ptr<BF16>(), keys.data_ptr<BF16>(), values.data_ptr<BF16>(), sp, slots.size(0), first, T,
+                                            H, KVH, window, key_first, out.data_ptr<BF16>());
   };
   switch (D) {
     case 64: run(std::integral_constant<int64_t, 64>()); break;
@@ -1381,8 +1387,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("wide") = kWide;
 #ifdef LOOPCODER_WIDE
   m.def("prefill_attention", &prefill_attention, "causal attention of T new tokens at positions first.. over the keys/values at "
-        "positions 0..first+T-1 (cache rows `slots`), bf16, head_dim 64/128/256", py::arg("q"), py::arg("keys"), py::arg("values"),
-        py::arg("slots"), py::arg("first"));
+        "positions key_first..first+T-1 (cache rows `slots`), within `window` positions if > 0; bf16, head_dim 64/128/256",
+        py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("slots"), py::arg("first"), py::arg("window") = 0,
+        py::arg("key_first") = 0);
 #endif
   m.def("decode_layer", &decode_layer, "one decoder layer of a decode step (one new token per sequence), in one call");
 }

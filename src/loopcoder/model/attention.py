@@ -8,8 +8,8 @@ Two backends hold that state. `DenseAttention` runs whole sequences with no cach
 and reference). `PagedAttention` reads and writes the engine's block-paged caches for a
 flattened batch in which each sequence brings any number of new tokens. Both offer
 `later_loop` (the two branches) and `gated_later_loop` (the gate's mix of them, which a CPU
-decode step computes in one native kernel). On a CPU with AVX512-BF16 a prompt's global
-attention also runs natively (`prefill_attention`, 2.5x PyTorch's flash attention there).
+decode step computes in one native kernel). On a CPU with AVX512-BF16 a prompt's attention, both
+branches, also runs natively (`prefill_attention`, 2.5x PyTorch's flash attention there).
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ class PrefillSpan:
 
     The local branch runs as a band: queries in tiles of `band_slots.shape[1] - W + 1`, each tile
     attending only to the keys that can reach it (`band_slots` [tiles, keys], `band_mask`
-    [tiles, 1, tile, keys]) rather than to a full square of masked keys.
+    [tiles, 1, tile, keys]) rather than to a full square of masked keys. The native kernel reads
+    the window's keys straight from `local_slots`, the slots of positions `local_first`.. on.
     """
 
     first: int
@@ -120,6 +121,9 @@ class PrefillSpan:
     global_mask: torch.Tensor | None
     band_slots: torch.Tensor
     band_mask: torch.Tensor
+    local_slots: torch.Tensor
+    local_first: int
+    window: int
 
 
 @dataclass
@@ -218,13 +222,17 @@ class PagedAttention:
     def _global(self, q: torch.Tensor, span: PrefillSpan, layer: int) -> torch.Tensor:
         keys, values = self.cache.global_kv(layer)
         slots = span.global_slots
-        ops = kernels.native(q)
-        if ops is not None and ops.wide and q.dtype == torch.bfloat16 and q.shape[-1] in (64, 128, 256):
+        ops = _native_prefill(q)
+        if ops is not None:
             return ops.prefill_attention(q.contiguous(), keys, values, slots, len(slots) - q.shape[0])
         return attend(q.unsqueeze(0), keys[slots].unsqueeze(0), values[slots].unsqueeze(0), span.global_mask)[0]
 
     def _band(self, q: torch.Tensor, span: PrefillSpan, layer: int, loop: int) -> torch.Tensor:
         keys, values = self.cache.local_kv(loop, layer)
+        ops = _native_prefill(q)
+        if ops is not None:
+            first = span.local_first + len(span.local_slots) - q.shape[0]
+            return ops.prefill_attention(q.contiguous(), keys, values, span.local_slots, first, span.window, span.local_first)
         tiles, tile = span.band_mask.shape[0], span.band_mask.shape[2]
         padded = F.pad(q, (0, 0, 0, 0, 0, tiles * tile - q.shape[0])).view(tiles, tile, *q.shape[1:])
         out = attend(padded, keys[span.band_slots], values[span.band_slots], span.band_mask)
@@ -234,3 +242,9 @@ class PagedAttention:
 def _native(q: torch.Tensor):
     """The kernels when they can run decode attention on q [N, H, D] (D a multiple of 8), else None."""
     return kernels.native(q) if q.shape[-1] % 8 == 0 else None
+
+
+def _native_prefill(q: torch.Tensor):
+    """The kernels when they can run a prompt's attention on q [T, H, D]: an AVX-512 build, bf16, D 64/128/256."""
+    ops = kernels.native(q)
+    return ops if ops is not None and ops.wide and q.dtype == torch.bfloat16 and q.shape[-1] in (64, 128, 256) else None
