@@ -1132,7 +1132,7 @@ inline __m512bh pair_of(const BF16* p) {
   return (__m512bh)_mm512_set1_epi32(bits);
 }
 
-// One KV head's keys and values in the pair layouts above, read through the sequence's slots;
+// Each KV head's keys and values in the pair layouts above, read through the sequence's slots;
 // positions past the last key are zero (and never visible).
 struct PairedKV {
   std::vector<BF16> keys, values;  // [chunks * 4][D / 2][16][2], [chunks * 32][D][2]
@@ -1142,19 +1142,25 @@ struct PairedKV {
   const BF16* value_pairs(int64_t jp, int64_t d) const { return values.data() + (jp * D + d) * 2; }
 };
 
-void pair_up(PairedKV& kv, const BF16* keys, const BF16* values, const int64_t* slots, int64_t L, int64_t KVH, int64_t h, int64_t D) {
+void pair_up(std::vector<PairedKV>& paired, const BF16* keys, const BF16* values, const int64_t* slots, int64_t L, int64_t KVH, int64_t D) {
   int64_t padded = round_up(L, kKeyChunk);
-  kv.D = D;
-  kv.keys.assign(padded * D, BF16(0.0f));
-  kv.values.assign(padded * D, BF16(0.0f));
-  for (int64_t j = 0; j < L; ++j) {
-    const BF16* k = keys + (slots[j] * KVH + h) * D;
-    const BF16* v = values + (slots[j] * KVH + h) * D;
-    for (int64_t d = 0; d < D; ++d) {
-      kv.keys[((j / 16 * (D / 2) + d / 2) * 16 + j % 16) * 2 + d % 2] = k[d];
-      kv.values[((j / 2) * D + d) * 2 + j % 2] = v[d];
-    }
+  for (auto& kv : paired) {
+    kv.D = D;
+    kv.keys.assign(padded * D, BF16(0.0f));
+    kv.values.assign(padded * D, BF16(0.0f));
   }
+  for_each_tile(KVH * (padded / kKeyChunk), [&](int64_t item) {  // work items of one head's 64 keys
+    int64_t h = item % KVH, j0 = item / KVH * kKeyChunk;
+    PairedKV& kv = paired[h];
+    for (int64_t j = j0; j < std::min(L, j0 + kKeyChunk); ++j) {
+      const BF16* k = keys + (slots[j] * KVH + h) * D;
+      const BF16* v = values + (slots[j] * KVH + h) * D;
+      BF16* key_pairs = kv.keys.data() + (j / 16 * (D / 2) * 16 + j % 16) * 2;  // then one pair every 16 keys
+      for (int64_t dp = 0; dp < D / 2; ++dp) std::memcpy(key_pairs + dp * 32, k + 2 * dp, 2 * sizeof(BF16));
+      BF16* value_pairs = kv.values.data() + (j / 2) * D * 2 + j % 2;
+      for (int64_t d = 0; d < D; ++d) value_pairs[2 * d] = v[d];
+    }
+  });
 }
 
 // Rows (token, head) of one query tile: where each query starts, the first and last key it sees,
@@ -1232,7 +1238,7 @@ void prefill_attention_d(const BF16* q, const BF16* keys, const BF16* values, co
                          int64_t H, int64_t KVH, int64_t window, int64_t key_first, BF16* out) {
   int64_t G = H / KVH, blocks = (T + kTokensPerItem - 1) / kTokensPerItem;
   std::vector<PairedKV> paired(KVH);
-  for_each_tile(KVH, [&](int64_t h) { pair_up(paired[h], keys, values, slots, L, KVH, h, D); });
+  pair_up(paired, keys, values, slots, L, KVH, D);
   float scale = 1.0f / std::sqrt(static_cast<float>(D));
   for_each_tile(KVH * blocks, [&](int64_t item) {
     int64_t h = item % KVH, block = blocks - 1 - item / KVH;  // the longest rows first
