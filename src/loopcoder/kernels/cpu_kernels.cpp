@@ -1105,8 +1105,11 @@ torch::Tensor gated_decode_attention(const torch::Tensor& q, const torch::Tensor
 // the values as (j, j+1) pairs for 16 dimensions, multiplied by a broadcast pair of
 // probabilities. The probabilities are rounded to bf16 for that product, as PyTorch's flash
 // attention on the CPU rounds them; the scores, sums and outputs stay in fp32.
-constexpr int64_t kKeyChunk = 64;  // keys per step of the running softmax: 4 registers of 16
-constexpr int kQueryRows = 4;      // query rows (token, head) sharing each key and value load
+// Register tiles (measured best among 4-8 rows x 32-64 keys on Zen 5): 16 score and 16 output sums.
+constexpr int kKeyBlocks = 4;                   // registers of 16 keys per step of the running softmax
+constexpr int64_t kKeyChunk = 16 * kKeyBlocks;  // keys per step
+constexpr int kQueryRows = 4;                   // query rows (token, head) sharing each key and value load
+constexpr int kDimBlocks = 4;                   // registers of 16 output dimensions per pass over a chunk's values
 constexpr int64_t kTokensPerItem = 16;
 
 // e^x for x <= 0 (-inf gives 0), as exp8.
@@ -1135,7 +1138,7 @@ inline __m512bh pair_of(const BF16* p) {
 // Each KV head's keys and values in the pair layouts above, read through the sequence's slots;
 // positions past the last key are zero (and never visible).
 struct PairedKV {
-  std::vector<BF16> keys, values;  // [chunks * 4][D / 2][16][2], [chunks * 32][D][2]
+  std::vector<BF16> keys, values;  // [keys / 16][D / 2][16][2], [keys / 2][D][2]
   int64_t D;
 
   const BF16* key_pairs(int64_t block, int64_t dp) const { return keys.data() + (block * (D / 2) + dp) * 32; }
@@ -1149,7 +1152,7 @@ void pair_up(std::vector<PairedKV>& paired, const BF16* keys, const BF16* values
     kv.keys.assign(padded * D, BF16(0.0f));
     kv.values.assign(padded * D, BF16(0.0f));
   }
-  for_each_tile(KVH * (padded / kKeyChunk), [&](int64_t item) {  // work items of one head's 64 keys
+  for_each_tile(KVH * (padded / kKeyChunk), [&](int64_t item) {  // work items of one head's chunk of keys
     int64_t h = item % KVH, j0 = item / KVH * kKeyChunk;
     PairedKV& kv = paired[h];
     for (int64_t j = j0; j < std::min(L, j0 + kKeyChunk); ++j) {
@@ -1178,22 +1181,22 @@ void attend_tile(QueryTile& t, const PairedKV& kv, float scale, BF16* probs) {
   int64_t lowest_hi = *std::min_element(t.hi, t.hi + kQueryRows), last = *std::max_element(t.hi, t.hi + kQueryRows);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t j0 = lowest / kKeyChunk * kKeyChunk; j0 <= last; j0 += kKeyChunk) {
-    __m512 s[kQueryRows][4];
+    __m512 s[kQueryRows][kKeyBlocks];
     for (int r = 0; r < kQueryRows; ++r)
-      for (int b = 0; b < 4; ++b) s[r][b] = _mm512_setzero_ps();
+      for (int b = 0; b < kKeyBlocks; ++b) s[r][b] = _mm512_setzero_ps();
     for (int64_t dp = 0; dp < D / 2; ++dp) {
-      __m512bh k[4];
-      for (int b = 0; b < 4; ++b) k[b] = (__m512bh)_mm512_loadu_si512(kv.key_pairs(j0 / 16 + b, dp));
+      __m512bh k[kKeyBlocks];
+      for (int b = 0; b < kKeyBlocks; ++b) k[b] = (__m512bh)_mm512_loadu_si512(kv.key_pairs(j0 / 16 + b, dp));
       for (int r = 0; r < kQueryRows; ++r) {
         __m512bh qp = pair_of(t.q[r] + 2 * dp);
-        for (int b = 0; b < 4; ++b) s[r][b] = _mm512_dpbf16_ps(s[r][b], k[b], qp);
+        for (int b = 0; b < kKeyBlocks; ++b) s[r][b] = _mm512_dpbf16_ps(s[r][b], k[b], qp);
       }
     }
     bool masked = j0 < highest_lo || j0 + kKeyChunk - 1 > lowest_hi;
     for (int r = 0; r < kQueryRows; ++r) {
-      __mmask16 seen[4];
+      __mmask16 seen[kKeyBlocks];
       __m512 top = _mm512_set1_ps(-INFINITY);
-      for (int b = 0; b < 4; ++b) {
+      for (int b = 0; b < kKeyBlocks; ++b) {
         __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j0 + 16 * b)));
         seen[b] = masked ? _mm512_cmple_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.hi[r]))) &
                                _mm512_cmpge_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.lo[r])))
@@ -1204,7 +1207,7 @@ void attend_tile(QueryTile& t, const PairedKV& kv, float scale, BF16* probs) {
       float m = std::max(t.max[r], _mm512_reduce_max_ps(top));
       float alpha = std::exp(t.max[r] - m);  // 0 on the first chunk (max -inf)
       __m512 total = _mm512_setzero_ps();
-      for (int b = 0; b < 4; ++b) {
+      for (int b = 0; b < kKeyBlocks; ++b) {
         __m512 e = _mm512_maskz_mov_ps(seen[b], exp16(_mm512_sub_ps(s[r][b], _mm512_set1_ps(m))));
         total = _mm512_add_ps(total, e);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + r * kKeyChunk + 16 * b), (__m256i)_mm512_cvtneps_pbh(e));
@@ -1215,20 +1218,20 @@ void attend_tile(QueryTile& t, const PairedKV& kv, float scale, BF16* probs) {
         for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(t.out + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(t.out + r * D + d), _mm512_set1_ps(alpha)));
     }
     int64_t pairs = (std::min(last, j0 + kKeyChunk - 1) - j0) / 2 + 1;
-    for (int64_t d0 = 0; d0 < D; d0 += 64) {
-      __m512 o[kQueryRows][4];
+    for (int64_t d0 = 0; d0 < D; d0 += 16 * kDimBlocks) {
+      __m512 o[kQueryRows][kDimBlocks];
       for (int r = 0; r < kQueryRows; ++r)
-        for (int c = 0; c < 4; ++c) o[r][c] = _mm512_loadu_ps(t.out + r * D + d0 + 16 * c);
+        for (int c = 0; c < kDimBlocks; ++c) o[r][c] = _mm512_loadu_ps(t.out + r * D + d0 + 16 * c);
       for (int64_t jp = 0; jp < pairs; ++jp) {
-        __m512bh v[4];
-        for (int c = 0; c < 4; ++c) v[c] = (__m512bh)_mm512_loadu_si512(kv.value_pairs(j0 / 2 + jp, d0 + 16 * c));
+        __m512bh v[kDimBlocks];
+        for (int c = 0; c < kDimBlocks; ++c) v[c] = (__m512bh)_mm512_loadu_si512(kv.value_pairs(j0 / 2 + jp, d0 + 16 * c));
         for (int r = 0; r < kQueryRows; ++r) {
           __m512bh pp = pair_of(probs + r * kKeyChunk + 2 * jp);
-          for (int c = 0; c < 4; ++c) o[r][c] = _mm512_dpbf16_ps(o[r][c], v[c], pp);
+          for (int c = 0; c < kDimBlocks; ++c) o[r][c] = _mm512_dpbf16_ps(o[r][c], v[c], pp);
         }
       }
       for (int r = 0; r < kQueryRows; ++r)
-        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(t.out + r * D + d0 + 16 * c, o[r][c]);
+        for (int c = 0; c < kDimBlocks; ++c) _mm512_storeu_ps(t.out + r * D + d0 + 16 * c, o[r][c]);
     }
   }
 }
