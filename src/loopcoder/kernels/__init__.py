@@ -1,7 +1,8 @@
 """Fast CPU paths, with the plain PyTorch path always one switch away.
 
-`cpu_kernels.cpp` holds the native decode kernels (skinny bf16/int8 GEMM, RMSNorm, RoPE, paged
-decode attention with the gate fused in). It is compiled on first use by PyTorch's C++
+`cpu_kernels.cpp` holds the native kernels: for decode, the skinny bf16/int8 GEMM, RMSNorm, RoPE
+and paged decode attention with the gate fused in; for prompts, SwiGLU and (AVX-512 only) causal
+and window attention. It is compiled on first use by PyTorch's C++
 extension builder and cached (under ~/.cache/torch_extensions), so only the first process on a
 machine pays the compile, with AVX-512 bf16/int16 dot products where the CPU has them and AVX2
 otherwise (LOOPCODER_KERNELS=avx2 forces the latter). Without a compiler or AVX2, when compiling
@@ -28,7 +29,9 @@ _NATIVE_DTYPES = (torch.bfloat16, torch.float32)
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread"]
 # Where the CPU has them, AVX-512 with bf16 and int16 dot products (Zen 4+, Cooper Lake+).
 _WIDE_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni"]
-_state: dict = {"enabled": os.environ.get("LOOPCODER_KERNELS", "1") != "0", "module": None, "tried": False, "seconds": None}
+_state: dict = {
+    "enabled": os.environ.get("LOOPCODER_KERNELS", "1") != "0", "module": None, "tried": False, "seconds": None, "fast_bf16": None,
+}
 
 
 def load() -> ModuleType | None:
@@ -87,7 +90,7 @@ def fast_bf16_gemm() -> bool:
 
     Without those units (AVX2 only) the bf16 GEMM runs several times slower than the fp32 one.
     """
-    if _state.get("fast_bf16") is None:
+    if _state["fast_bf16"] is None:
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         _state["fast_bf16"] = any(getattr(torch.cpu, name, lambda: False)() for name in probes)
     return _state["fast_bf16"]

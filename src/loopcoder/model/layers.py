@@ -95,14 +95,15 @@ def linear(
 def matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """x W^T (times `scale` for int8 weights) for many rows.
 
-    The product runs in the activation dtype where the CPU multiplies bf16 natively. Without bf16
-    units (AVX2 only) PyTorch's bf16 GEMM is several times slower than its fp32 one, so there the
-    fast path widens a bf16 weight to fp32 and rounds the result back; an int8 weight is widened
-    to fp32 then, and to bf16 otherwise (its values are exact in bf16), its scale applied in fp32.
+    The product runs in the activation dtype, except on a CPU for bf16 and int8 weights: without
+    bf16 units (AVX2 only) PyTorch's bf16 GEMM is several times slower than its fp32 one, so the
+    fast path widens to fp32 there and rounds the result back; an int8 weight is widened to fp32
+    on the plain path and on such CPUs, and to bf16 on CPUs with bf16 units (its values are exact
+    in bf16). An int8 weight's scale is applied in fp32.
     """
     compute = x.dtype
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        native_bf16 = kernels.enabled(x) and kernels.fast_bf16_gemm()
+    if x.device.type == "cpu" and x.dtype != torch.float32 and weight.dtype in (torch.int8, torch.bfloat16):
+        native_bf16 = x.dtype == torch.bfloat16 and kernels.enabled(x) and kernels.fast_bf16_gemm()
         if not native_bf16 and (weight.dtype == torch.int8 or kernels.enabled(x)):
             compute = torch.float32
     if weight.dtype == compute and scale is None:
