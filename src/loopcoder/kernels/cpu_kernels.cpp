@@ -1,6 +1,7 @@
-// CPU kernels for the few-token (decode) path: skinny bf16/int8/fp32 weight GEMM with the
+// CPU kernels. For the few-token (decode) path: skinny bf16/int8/fp32 weight GEMM with the
 // SwiGLU and residual add fused in, int8 quantization, RMSNorm, RoPE, and paged decode
-// attention with the later loops' gate fused in.
+// attention with the later loops' gate fused in. For prompts: SwiGLU, and (AVX-512 builds) the
+// causal and window attention.
 //
 // Decode is bound by how fast the weights stream from memory and, on a small CPU, by the number
 // of small ops per layer. The linear kernel reads each weight row once for all (at most a few
@@ -188,8 +189,9 @@ void for_each_tile(int64_t n, const F& body, bool serial = false) {
 
 // ---- linear: y[M, N] = residual + x[M, K] . w[N, K]^T (* scale[N]) ------------------------------
 //
-// Each weight format has its own inner loop, shaped for cores (like AMD Zen 1) where a 256-bit
-// op is two uops and only two pipes multiply:
+// Each weight format has its own AVX2 inner loop, shaped for cores (like AMD Zen 1) where a 256-bit
+// op is two uops and only two pipes multiply (AVX-512 builds replace the bf16 and int8 ones: see
+// "the linear kernel's AVX-512 path" below):
 // - bf16: 16 weights per step, loaded as 8 32-bit lanes of (even, odd) pairs. The odd weight is
 //   the lane with its low half masked off, the even one the lane shifted left by 16: widening
 //   costs two cheap ops per 16 weights (the activations are stored split into even and odd
@@ -1094,7 +1096,7 @@ torch::Tensor gated_decode_attention(const torch::Tensor& q, const torch::Tensor
 }
 
 #ifdef LOOPCODER_WIDE
-// ---- prefill attention: causal, over loop 0's keys (AVX-512 builds) ---------------------------
+// ---- prefill attention: causal, or within a window (AVX-512 builds) ---------------------------
 //
 // softmax(q k^T / sqrt(D)) v for T new tokens at positions first..first+T-1 over the keys at
 // positions key_first..first+T-1, each query seeing the keys at or before its position (and, with
