@@ -814,10 +814,16 @@ void rms_norm_typed(const T* x, const T* w, T* y, int64_t M, int64_t K, float ep
   for_each_tile((M + kRows - 1) / kRows, [&](int64_t t) {
     for (int64_t m = t * kRows; m < std::min(M, (t + 1) * kRows); ++m) {
       const T* row = x + m * K;
-      float ss = 0.0f;
-      for (int64_t k = 0; k < K; ++k) ss += static_cast<float>(row[k]) * static_cast<float>(row[k]);
+      T* out = y + m * K;
+      __m256 squares = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) squares = _mm256_fmadd_ps(load8(row + k), load8(row + k), squares);
+      float ss = hsum(squares);
+      for (; k < K; ++k) ss += static_cast<float>(row[k]) * static_cast<float>(row[k]);
       float r = 1.0f / std::sqrt(ss / K + eps);
-      for (int64_t k = 0; k < K; ++k) y[m * K + k] = static_cast<T>(static_cast<float>(w[k]) * rnd<T>(static_cast<float>(row[k]) * r));
+      const __m256 rv = _mm256_set1_ps(r);
+      for (k = 0; k + 8 <= K; k += 8) store8(out + k, round8<T>(_mm256_mul_ps(load8(w + k), round8<T>(_mm256_mul_ps(load8(row + k), rv)))));
+      for (; k < K; ++k) out[k] = static_cast<T>(static_cast<float>(w[k]) * rnd<T>(static_cast<float>(row[k]) * r));
     }
   });
 }
