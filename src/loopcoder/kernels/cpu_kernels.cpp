@@ -70,18 +70,17 @@ inline int32_t hsum(__m128i s) {
 }
 
 // e^x for x in [-87, 0] (softmax scores less their maximum, SiLU's e^-|v|; below, a tiny positive
-// value), to about 2 ulp: Cephes' expf, 2^n times a degree-6 polynomial in x - n ln 2 (ln 2 split in two parts).
+// value), to about 2 ulp: Cephes' expf, 2^n times a degree-6 polynomial in x - n ln 2 (ln 2 split in
+// two parts). The constants serve exp8 here and exp16 (AVX-512 builds) alike.
+constexpr float kExpLowest = -87.3f, kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
+constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  x = _mm256_max_ps(x, _mm256_set1_ps(kExpLowest));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x));
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
@@ -235,6 +234,12 @@ struct NextGroup {
   const char* next;
   const char* end;
   int64_t lines_per_step;
+
+  // The group of `bytes` after the one at `group`, fetched evenly over `steps` inner steps.
+  static NextGroup after(const void* group, int64_t bytes, int64_t steps) {
+    const char* start = static_cast<const char*>(group) + bytes;
+    return NextGroup{start, start + bytes, std::max<int64_t>(1, (bytes / 64 + steps - 1) / std::max<int64_t>(steps, 1))};
+  }
 
   inline void step() {
     for (int64_t i = 0; i < lines_per_step && next < end; ++i, next += 64) _mm_prefetch(next, _MM_HINT_T1);
@@ -455,7 +460,7 @@ inline void tile(const Rows<W>& w, const Activations& a, int64_t m0, int64_t n0,
 // ---- the linear kernel's AVX-512 path ----------------------------------------------------------
 //
 // One 512-bit register holds the 16-weight chunks of two rows (r, r + 1) at one column: a packed
-// group stores them next to each other, so it is one load (two for row-major weights). Each
+// group stores them next to each other, so it is one load (two for row-major weights: row_pair). Each
 // activation chunk is broadcast to both halves, and vdpbf16ps (bf16) or vpdpwssd (int8 widened to
 // int16, activations in 15-bit fixed point as on AVX2) adds 32 products into 16 fp32/int32 sums:
 // lanes 0-7 belong to row r, 8-15 to row r + 1. bf16 activations are exact as bf16 and each
@@ -463,19 +468,18 @@ inline void tile(const Rows<W>& w, const Activations& a, int64_t m0, int64_t n0,
 // the AVX2 path. Up to 4 activation rows share each weight load (16 sums in registers).
 constexpr int kWideRows = 4;
 
-inline __m512i row_pair(const Rows<BF16>& w, int r, int R, int64_t k, bool adjacent) {
+// Rows r and r + 1 of row-major weights at column k (row r alone, zero-extended, when it is the last).
+inline __m512i row_pair(const Rows<BF16>& w, int r, int R, int64_t k) {
   const BF16* p = w.at(r, k);
-  if (adjacent) return _mm512_loadu_si512(p);
   __m512i lo = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   if (r + 1 == R) return _mm512_zextsi256_si512(_mm512_castsi512_si256(lo));
   return _mm512_inserti64x4(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.at(r + 1, k))), 1);
 }
 
-inline __m512i row_pair(const Rows<int8_t>& w, int r, int R, int64_t k, bool adjacent) {
+inline __m512i row_pair(const Rows<int8_t>& w, int r, int R, int64_t k) {
   const int8_t* p = w.at(r, k);
   __m256i raw;
-  if (adjacent) raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  else if (r + 1 == R) raw = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  if (r + 1 == R) raw = _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   else raw = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(w.at(r + 1, k)), reinterpret_cast<const __m128i*>(p));
   return _mm512_cvtepi8_epi16(raw);
 }
@@ -492,12 +496,12 @@ inline void pair_totals(const __m512& sums, int p, int m, float (&out)[R][MT]) {
 template <int R, int MT>
 inline void dot_wide(const Rows<BF16>& w, const Activations& a, int64_t m0, float (&out)[R][MT], NextGroup* ahead) {
   constexpr int P = (R + 1) / 2;
-  const bool adjacent = w.k_mul == kGroup && w.r_stride == kStep;
+  const bool packed = R == kGroup && w.k_mul == kGroup;  // packed tiles are whole groups
   const BF16* x = a.pairs.data() + m0 * a.width;
   __m512 acc[P][MT];
   for (int p = 0; p < P; ++p)
     for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_setzero_ps();
-  if (adjacent && R == kGroup) {  // a packed group: one run of memory, 8 rows x 16 weights per step
+  if (packed) {  // one run of memory, 8 rows x 16 weights per step
     const BF16* wp = w.base;
     for (int64_t k = 0; k < a.body; k += kStep, wp += kGroup * kStep) {
       __m512bh xv[MT];
@@ -513,7 +517,7 @@ inline void dot_wide(const Rows<BF16>& w, const Activations& a, int64_t m0, floa
       __m512bh xv[MT];
       for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)broadcast_chunk(x + m * a.width + k);
       for (int p = 0; p < P; ++p) {
-        __m512bh wv = (__m512bh)row_pair(w, 2 * p, R, k, adjacent);
+        __m512bh wv = (__m512bh)row_pair(w, 2 * p, R, k);
         for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_dpbf16_ps(acc[p][m], wv, xv[m]);
       }
     }
@@ -525,7 +529,7 @@ inline void dot_wide(const Rows<BF16>& w, const Activations& a, int64_t m0, floa
 template <int R, int MT>
 inline void dot_wide(const Rows<int8_t>& w, const Activations& a, int64_t m0, float (&out)[R][MT], NextGroup* ahead) {
   constexpr int P = (R + 1) / 2;
-  const bool adjacent = w.k_mul == kGroup && w.r_stride == kStep;
+  const bool packed = R == kGroup && w.k_mul == kGroup;  // packed tiles are whole groups
   __m512 total[P][MT];
   for (int p = 0; p < P; ++p)
     for (int m = 0; m < MT; ++m) total[p][m] = _mm512_setzero_ps();
@@ -537,7 +541,7 @@ inline void dot_wide(const Rows<int8_t>& w, const Activations& a, int64_t m0, fl
       __m512i xv[MT];
       for (int m = 0; m < MT; ++m) xv[m] = broadcast_chunk(a.fixed.data() + (m0 + m) * a.width + k);
       if (ahead) ahead->step();
-      if (adjacent && R == kGroup) {  // a packed group: one run of memory, 8 rows x 16 weights per step
+      if (packed) {  // one run of memory, 8 rows x 16 weights per step
         const int8_t* wp = w.base + k * kGroup;
         for (int p = 0; p < P; ++p) {
           __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 2 * p * kStep)));
@@ -545,7 +549,7 @@ inline void dot_wide(const Rows<int8_t>& w, const Activations& a, int64_t m0, fl
         }
       } else {
         for (int p = 0; p < P; ++p) {
-          __m512i wv = row_pair(w, 2 * p, R, k, adjacent);
+          __m512i wv = row_pair(w, 2 * p, R, k);
           for (int m = 0; m < MT; ++m) acc[p][m] = _mm512_dpwssd_epi32(acc[p][m], wv, xv[m]);
         }
       }
@@ -572,10 +576,7 @@ template <int R, typename W, typename T>
 inline void rows_wide(const Rows<W>& w, const Activations& a, int64_t n0, const Epilogue<T>& out) {
   NextGroup ahead{}, *next = nullptr;
   if (a.M > 1 && w.k_mul == kGroup) {
-    int64_t bytes = R * a.width * static_cast<int64_t>(sizeof(W));
-    int64_t steps = (a.M + kWideRows - 1) / kWideRows * (a.body / kStep);
-    const char* start = reinterpret_cast<const char*>(w.base) + bytes;
-    ahead = NextGroup{start, start + bytes, std::max<int64_t>(1, (bytes / 64 + steps - 1) / std::max<int64_t>(steps, 1))};
+    ahead = NextGroup::after(w.base, R * a.width * static_cast<int64_t>(sizeof(W)), (a.M + kWideRows - 1) / kWideRows * (a.body / kStep));
     next = &ahead;
   }
   int64_t m = 0;
@@ -599,9 +600,7 @@ inline void rows_against_all(const Rows<W>& w, const Activations& a, int64_t n0,
   constexpr int kHalf = R == kGroup ? 4 : R;  // at most 8 accumulators, so activations stay in registers
   NextGroup ahead{}, *next = nullptr;
   if (std::is_same<W, BF16>::value && w.k_mul == kGroup) {  // packed bf16 (int8 measured no better): next group during this one
-    int64_t bytes = R * a.width * static_cast<int64_t>(sizeof(W)), steps = (R / kHalf) * ((a.M + 1) / 2) * (a.body / kStep);
-    const char* start = reinterpret_cast<const char*>(w.base) + bytes;
-    ahead = NextGroup{start, start + bytes, std::max<int64_t>(1, (bytes / 64 + steps - 1) / std::max<int64_t>(steps, 1))};
+    ahead = NextGroup::after(w.base, R * a.width * static_cast<int64_t>(sizeof(W)), (R / kHalf) * ((a.M + 1) / 2) * (a.body / kStep));
     next = &ahead;
   }
   for (int h = 0; h < R; h += kHalf) {
@@ -1128,18 +1127,13 @@ constexpr int kQueryRows = 4;                   // query rows (token, head) shar
 constexpr int kDimBlocks = 4;                   // registers of 16 output dimensions per pass over a chunk's values
 constexpr int64_t kTokensPerItem = 16;
 
-// e^x for x <= 0 (-inf gives 0), as exp8.
+// exp8 on 16 lanes (below -87.3 a tiny positive value: masked-out scores are zeroed by the caller).
 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLowest));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x));
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
@@ -1157,8 +1151,11 @@ struct PairedKV {
   std::vector<BF16> keys, values;  // [keys / 16][D / 2][16][2], [keys / 2][D][2]
   int64_t D;
 
-  const BF16* key_pairs(int64_t block, int64_t dp) const { return keys.data() + (block * (D / 2) + dp) * 32; }
-  const BF16* value_pairs(int64_t jp, int64_t d) const { return values.data() + (jp * D + d) * 2; }
+  // Where pair dp of 16-key block `block` starts in `keys`, and dimension d of key pair jp in `values`.
+  int64_t key_at(int64_t block, int64_t dp) const { return (block * (D / 2) + dp) * 32; }
+  int64_t value_at(int64_t jp, int64_t d) const { return (jp * D + d) * 2; }
+  const BF16* key_pairs(int64_t block, int64_t dp) const { return keys.data() + key_at(block, dp); }
+  const BF16* value_pairs(int64_t jp, int64_t d) const { return values.data() + value_at(jp, d); }
 };
 
 void pair_up(std::vector<PairedKV>& paired, const BF16* keys, const BF16* values, const int64_t* slots, int64_t L, int64_t KVH, int64_t D) {
@@ -1174,10 +1171,8 @@ void pair_up(std::vector<PairedKV>& paired, const BF16* keys, const BF16* values
     for (int64_t j = j0; j < std::min(L, j0 + kKeyChunk); ++j) {
       const BF16* k = keys + (slots[j] * KVH + h) * D;
       const BF16* v = values + (slots[j] * KVH + h) * D;
-      BF16* key_pairs = kv.keys.data() + (j / 16 * (D / 2) * 16 + j % 16) * 2;  // then one pair every 16 keys
-      for (int64_t dp = 0; dp < D / 2; ++dp) std::memcpy(key_pairs + dp * 32, k + 2 * dp, 2 * sizeof(BF16));
-      BF16* value_pairs = kv.values.data() + (j / 2) * D * 2 + j % 2;
-      for (int64_t d = 0; d < D; ++d) value_pairs[2 * d] = v[d];
+      for (int64_t dp = 0; dp < D / 2; ++dp) std::memcpy(kv.keys.data() + kv.key_at(j / 16, dp) + j % 16 * 2, k + 2 * dp, 2 * sizeof(BF16));
+      for (int64_t d = 0; d < D; ++d) kv.values[kv.value_at(j / 2, d) + j % 2] = v[d];
     }
   });
 }
