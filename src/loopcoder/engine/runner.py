@@ -72,8 +72,9 @@ class ModelRunner:
     def _prefill_span(self, seq: Sequence, row: int, start: int, end: int) -> PrefillSpan:
         q_pos = torch.arange(start, end)
         global_mask = None if start == 0 else positional_mask(q_pos, torch.arange(end), None).to(self.device)
-        slots, mask = self._band(seq, start, end)
         local_first = max(start - self.window + 1, 0)
+        held = self._slots(seq.local_blocks, local_first, end)
+        slots, mask = self._band(held, local_first, start, end)
         return PrefillSpan(
             first=row,
             last=row + end - start,
@@ -81,13 +82,14 @@ class ModelRunner:
             global_mask=global_mask,
             band_slots=self._tensor(slots),
             band_mask=torch.from_numpy(mask).to(self.device),
-            local_slots=self._tensor(self._slots(seq.local_blocks, local_first, end)),
+            local_slots=self._tensor(held),
             local_first=local_first,
             window=self.window,
         )
 
-    def _band(self, seq: Sequence, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """Local keys per query tile: slots [tiles, tile + W - 1] and mask [tiles, 1, tile, tile + W - 1].
+    def _band(self, held: np.ndarray, first: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Local keys per query tile, from `held` (the slots of positions first..end-1): slots
+        [tiles, tile + W - 1] and mask [tiles, 1, tile, tile + W - 1].
 
         Padding queries past `end` see every key (their outputs are dropped); keys outside the
         sequence's held local blocks point at a held slot and are masked out.
@@ -96,8 +98,6 @@ class ModelRunner:
         tiles = -(-(end - start) // tile)
         q_pos = start + np.arange(tiles * tile).reshape(tiles, tile)
         k_pos = q_pos[:, :1] - w + 1 + np.arange(tile + w - 1)
-        first = max(start - w + 1, 0)
-        held = self._slots(seq.local_blocks, first, end)
         slots = held[np.clip(k_pos, first, end - 1) - first]
         q, k = q_pos[:, :, None], k_pos[:, None, :]
         mask = ((k <= q) & (k > q - w) & (k >= 0)) | (q >= end)
