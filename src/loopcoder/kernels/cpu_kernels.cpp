@@ -704,17 +704,22 @@ inline int64_t packed_index(int64_t n, int64_t k, int64_t N, int64_t width) {
   return (n / kGroup) * kGroup * width + (k / kStep) * kGroup * kStep + (n % kGroup) * kStep + k % kStep;
 }
 
-// Copy each row's 16-wide chunks between the plain [N, K] and packed layouts (zero padding past K).
+// Copy each row's 16-wide chunks between the plain [N, K] and packed layouts (zero padding past K),
+// a group of 8 rows per work item, so one thread reads all of a group's packed chunks.
 template <typename W>
 void repack(const W* src, W* dst, int64_t N, int64_t K, int64_t width, bool to_packed) {
-  for_each_tile(N, [&](int64_t n) {
-    for (int64_t k = 0; k < width; k += kStep) {
-      int64_t p = packed_index(n, k, N, width), count = std::min(kStep, K - k);
-      if (to_packed) {
-        std::copy(src + n * K + k, src + n * K + k + count, dst + p);
-        std::fill(dst + p + count, dst + p + kStep, W(0));
-      } else {
-        std::copy(src + p, src + p + count, dst + n * K + k);
+  for_each_tile((N + kGroup - 1) / kGroup, [&](int64_t g) {
+    for (int64_t n = g * kGroup; n < std::min(N, (g + 1) * kGroup); ++n) {
+      for (int64_t k = 0; k < width; k += kStep) {
+        int64_t p = packed_index(n, k, N, width), count = std::min(kStep, K - k);
+        const W* from = to_packed ? src + n * K + k : src + p;
+        W* to = to_packed ? dst + p : dst + n * K + k;
+        if (count == kStep) {
+          std::memcpy(to, from, kStep * sizeof(W));  // a fixed size: one vector move
+        } else {
+          std::copy(from, from + count, to);
+          if (to_packed) std::fill(to + count, to + kStep, W(0));
+        }
       }
     }
   });
