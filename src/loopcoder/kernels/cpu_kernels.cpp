@@ -1132,16 +1132,16 @@ constexpr int kQueryRows = 4;                   // query rows (token, head) shar
 constexpr int kDimBlocks = 4;                   // registers of 16 output dimensions per pass over a chunk's values
 constexpr int64_t kTokensPerItem = 16;
 
-// exp8 on 16 lanes (below -87.3 a tiny positive value: masked-out scores are zeroed by the caller).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLowest));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x));
-  __m512 p = _mm512_set1_ps(kExpPoly[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(scale));
+// 2^x on 16 lanes: 2^n times a degree-6 polynomial in x - n, |x - n| <= 1/2 (Cephes' exp2f, about
+// 2 ulp); vscalefps applies 2^n, going to 0 far below -126 (masked-out scores, a first max).
+constexpr float kExp2Poly[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f,
+                               2.402264791363012e-1f, 6.931472028550421e-1f, 1.0f};
+inline __m512 exp2_16(__m512 x) {
+  __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2Poly[i]));
+  return _mm512_scalef_ps(p, n);
 }
 
 inline __m512bh pair_of(const BF16* p) {
@@ -1183,11 +1183,11 @@ void pair_up(std::vector<PairedKV>& paired, const BF16* keys, const BF16* values
 }
 
 // Rows (token, head) of one query tile: where each query starts, the first and last key it sees,
-// and its running max, sum and output.
+// and (after attend_tile) its softmax denominator and unnormalized output.
 struct QueryTile {
   const BF16* q[kQueryRows];
   int64_t lo[kQueryRows], hi[kQueryRows];
-  float max[kQueryRows], sum[kQueryRows];
+  float sum[kQueryRows];
   float* out;  // [kQueryRows][D] fp32
 };
 
@@ -1211,15 +1211,24 @@ __attribute__((noinline)) void chunk_scores(const QueryTile& t, const PairedKV& 
     for (int b = 0; b < kKeyBlocks; ++b) s[r][b] = acc[r][b];
 }
 
+// The running softmax works in base 2 on unscaled scores: e^(scale (s - max)) = 2^(s c - max c) with
+// c = scale log2(e), one fused multiply-subtract per 16 scores. The running sums stay in registers
+// (reduced once at the end) and a new max rescales the outputs as the value pass loads them.
 template <int64_t D>
 void attend_tile(QueryTile& t, const PairedKV& kv, float scale, BF16* probs) {
   int64_t lowest = *std::min_element(t.lo, t.lo + kQueryRows), highest_lo = *std::max_element(t.lo, t.lo + kQueryRows);
   int64_t lowest_hi = *std::min_element(t.hi, t.hi + kQueryRows), last = *std::max_element(t.hi, t.hi + kQueryRows);
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const float c = scale * 1.44269504088896341f;
+  float max[kQueryRows];
+  __m512 sums[kQueryRows];
+  for (int r = 0; r < kQueryRows; ++r) max[r] = -1e30f, sums[r] = _mm512_setzero_ps();  // finite: a first rescale is by 2^-huge = 0
   for (int64_t j0 = lowest / kKeyChunk * kKeyChunk; j0 <= last; j0 += kKeyChunk) {
     __m512 s[kQueryRows][kKeyBlocks];
     chunk_scores<D>(t, kv, j0, s);
     bool masked = j0 < highest_lo || j0 + kKeyChunk - 1 > lowest_hi;
+    alignas(64) float shift[16] = {}, alpha[16];
+    __m512 totals[kQueryRows];
     for (int r = 0; r < kQueryRows; ++r) {
       __mmask16 seen[kKeyBlocks];
       __m512 top = _mm512_set1_ps(-INFINITY);
@@ -1228,27 +1237,26 @@ void attend_tile(QueryTile& t, const PairedKV& kv, float scale, BF16* probs) {
         seen[b] = masked ? _mm512_cmple_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.hi[r]))) &
                                _mm512_cmpge_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.lo[r])))
                          : __mmask16(0xFFFF);
-        s[r][b] = _mm512_mul_ps(s[r][b], _mm512_set1_ps(scale));
         top = _mm512_mask_max_ps(top, seen[b], top, s[r][b]);
       }
-      float m = std::max(t.max[r], _mm512_reduce_max_ps(top));
-      float alpha = std::exp(t.max[r] - m);  // 0 on the first chunk (max -inf)
-      __m512 total = _mm512_setzero_ps();
+      float m = std::max(max[r], _mm512_reduce_max_ps(top));
+      shift[r] = (max[r] - m) * c;
+      max[r] = m;
+      __m512 mc = _mm512_set1_ps(m * c), total = _mm512_setzero_ps();
       for (int b = 0; b < kKeyBlocks; ++b) {
-        __m512 e = _mm512_maskz_mov_ps(seen[b], exp16(_mm512_sub_ps(s[r][b], _mm512_set1_ps(m))));
+        __m512 e = _mm512_maskz_mov_ps(seen[b], exp2_16(_mm512_fmsub_ps(s[r][b], _mm512_set1_ps(c), mc)));
         total = _mm512_add_ps(total, e);
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + r * kKeyChunk + 16 * b), (__m256i)_mm512_cvtneps_pbh(e));
       }
-      t.sum[r] = t.sum[r] * alpha + _mm512_reduce_add_ps(total);
-      t.max[r] = m;
-      if (alpha != 1.0f)
-        for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(t.out + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(t.out + r * D + d), _mm512_set1_ps(alpha)));
+      totals[r] = total;
     }
+    _mm512_store_ps(alpha, exp2_16(_mm512_load_ps(shift)));
+    for (int r = 0; r < kQueryRows; ++r) sums[r] = _mm512_fmadd_ps(sums[r], _mm512_set1_ps(alpha[r]), totals[r]);
     int64_t pairs = (std::min(last, j0 + kKeyChunk - 1) - j0) / 2 + 1;
     for (int64_t d0 = 0; d0 < D; d0 += 16 * kDimBlocks) {
       __m512 o[kQueryRows][kDimBlocks];
       for (int r = 0; r < kQueryRows; ++r)
-        for (int c = 0; c < kDimBlocks; ++c) o[r][c] = _mm512_loadu_ps(t.out + r * D + d0 + 16 * c);
+        for (int c = 0; c < kDimBlocks; ++c) o[r][c] = _mm512_mul_ps(_mm512_loadu_ps(t.out + r * D + d0 + 16 * c), _mm512_set1_ps(alpha[r]));
       for (int64_t jp = 0; jp < pairs; ++jp) {
         __m512bh v[kDimBlocks];
         for (int c = 0; c < kDimBlocks; ++c) v[c] = (__m512bh)_mm512_loadu_si512(kv.value_pairs(j0 / 2 + jp, d0 + 16 * c));
@@ -1261,6 +1269,7 @@ void attend_tile(QueryTile& t, const PairedKV& kv, float scale, BF16* probs) {
         for (int c = 0; c < kDimBlocks; ++c) _mm512_storeu_ps(t.out + r * D + d0 + 16 * c, o[r][c]);
     }
   }
+  for (int r = 0; r < kQueryRows; ++r) t.sum[r] = _mm512_reduce_add_ps(sums[r]);
 }
 
 template <int64_t D>
@@ -1271,7 +1280,7 @@ void prefill_attention_d(const BF16* q, const BF16* keys, const BF16* values, co
   pair_up(paired, keys, values, slots, L, KVH, D);
   float scale = 1.0f / std::sqrt(static_cast<float>(D));
   for_each_tile(KVH * blocks, [&](int64_t item) {
-    int64_t h = item % KVH, block = blocks - 1 - item / KVH;  // the longest rows first
+    int64_t h = item / blocks, block = blocks - 1 - item % blocks;  // a head at a time (its keys stay in L2), the longest rows first
     int64_t t0 = block * kTokensPerItem, rows = (std::min(T, t0 + kTokensPerItem) - t0) * G;
     thread_local std::vector<float> acc;
     thread_local std::vector<BF16> probs;
@@ -1287,8 +1296,6 @@ void prefill_attention_d(const BF16* q, const BF16* keys, const BF16* values, co
         t.q[r] = q + (token * H + head) * D;
         t.hi[r] = first + token - key_first;
         t.lo[r] = window > 0 ? std::max<int64_t>(t.hi[r] - window + 1, 0) : 0;
-        t.max[r] = -INFINITY;
-        t.sum[r] = 0.0f;
       }
       attend_tile<D>(t, paired[h], scale, probs.data());
       for (int r = 0; r < kQueryRows && r0 + r < rows; ++r) {
