@@ -997,6 +997,57 @@ PagedKV<T> paged(const torch::Tensor& keys, const torch::Tensor& values, const t
 
 inline int64_t window_start(int64_t pos, int64_t window) { return window > 0 ? std::max<int64_t>(pos - window + 1, 0) : 0; }
 
+// A later loop's mix of its branches for heads h0..h0+G-1 of one token (q, global a, local l: [G, D]):
+// g * a + (1 - g) * l with g = sigmoid(q . gate_w[h] + gate_b[h]), each op rounded to T as the plain
+// path's ops round (the branches too, where they arrive in fp32).
+template <typename T>
+void mix_heads(const float* q, const float* a, const float* l, int64_t G, int64_t h0, int64_t D, const T* gate_w, const T* gate_b, T* dst) {
+  for (int64_t g = 0; g < G; ++g) {
+    int64_t h = h0 + g;
+    float logit = static_cast<float>(gate_b[h]);
+    for (int64_t d = 0; d < D; ++d) logit += q[g * D + d] * static_cast<float>(gate_w[h * D + d]);
+    float gate = rnd<T>(1.0f / (1.0f + std::exp(-logit))), rest = rnd<T>(1.0f - gate);
+    for (int64_t d = 0; d < D; ++d) {
+      int64_t i = g * D + d;
+      dst[i] = static_cast<T>(rnd<T>(gate * rnd<T>(a[i])) + rnd<T>(rest * rnd<T>(l[i])));
+    }
+  }
+}
+
+// mix_heads over whole rows q, a, l [N, H, D] (a prompt's later loop, its branches computed apart).
+torch::Tensor gate_mix(const torch::Tensor& q, const torch::Tensor& a, const torch::Tensor& l, const torch::Tensor& gate_w,
+                       const torch::Tensor& gate_b) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && a.is_contiguous() && l.is_contiguous() && a.sizes() == q.sizes() &&
+              l.sizes() == q.sizes() && a.scalar_type() == q.scalar_type() && l.scalar_type() == q.scalar_type(),
+              "gate_mix: contiguous q, global, local [N, H, D] of one dtype");
+  int64_t N = q.size(0), H = q.size(1), D = q.size(2);
+  TORCH_CHECK(gate_w.is_contiguous() && gate_w.dim() == 2 && gate_w.size(0) == H && gate_w.size(1) == D && gate_b.is_contiguous() &&
+              gate_b.dim() == 1 && gate_b.size(0) == H && gate_w.scalar_type() == q.scalar_type() && gate_b.scalar_type() == q.scalar_type(),
+              "gate_mix: gate [H, D] and [H] in q's dtype");
+  auto out = torch::empty_like(q);
+  auto run = [&](auto* qp, auto* ap, auto* lp, auto* wp, auto* bp, auto* op) {
+    for_each_tile((N + 15) / 16, [&](int64_t t) {
+      thread_local std::vector<float> rows;
+      rows.resize(3 * H * D);
+      for (int64_t n = t * 16; n < std::min(N, (t + 1) * 16); ++n) {
+        for (int64_t i = 0; i < H * D; ++i) {
+          rows[i] = static_cast<float>(qp[n * H * D + i]);
+          rows[H * D + i] = static_cast<float>(ap[n * H * D + i]);
+          rows[2 * H * D + i] = static_cast<float>(lp[n * H * D + i]);
+        }
+        mix_heads(rows.data(), rows.data() + H * D, rows.data() + 2 * H * D, H, 0, D, wp, bp, op + n * H * D);
+      }
+    });
+  };
+  if (q.scalar_type() == torch::kBFloat16) {
+    run(q.data_ptr<BF16>(), a.data_ptr<BF16>(), l.data_ptr<BF16>(), gate_w.data_ptr<BF16>(), gate_b.data_ptr<BF16>(), out.data_ptr<BF16>());
+  } else {
+    TORCH_CHECK(q.scalar_type() == torch::kFloat, "gate_mix: bfloat16 or float32");
+    run(q.data_ptr<float>(), a.data_ptr<float>(), l.data_ptr<float>(), gate_w.data_ptr<float>(), gate_b.data_ptr<float>(), out.data_ptr<float>());
+  }
+  return out;
+}
+
 // Decode queries q[rows[b]] at positions[b] over the keys at positions window_start..pos of `kv`.
 // With `local` and a gate (a later loop): g * that + (1 - g) * the window over `local`.
 template <typename T>
@@ -1027,16 +1078,7 @@ torch::Tensor decode_attention_typed(const torch::Tensor& q, const torch::Tensor
       return;
     }
     attend_positions(qf.data(), G, *local, b, kvh, window_start(pos, window), pos, scale, scores, l.data());
-    for (int64_t g = 0; g < G; ++g) {
-      int64_t h = kvh * G + g;
-      float logit = static_cast<float>(gate_b[h]);
-      for (int64_t d = 0; d < D; ++d) logit += qf[g * D + d] * static_cast<float>(gate_w[h * D + d]);
-      float gate = rnd<T>(1.0f / (1.0f + std::exp(-logit))), rest = rnd<T>(1.0f - gate);
-      for (int64_t d = 0; d < D; ++d) {
-        int64_t i = g * D + d;
-        dst[i] = static_cast<T>(rnd<T>(gate * rnd<T>(a[i])) + rnd<T>(rest * rnd<T>(l[i])));
-      }
-    }
+    mix_heads(qf.data(), a.data(), l.data(), G, kvh * G, D, gate_w, gate_b, dst);
   }, serial);
   return out;
 }
@@ -1425,6 +1467,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("keys"), py::arg("values"), py::arg("table"), py::arg("local_keys"), py::arg("local_values"), py::arg("local_table"),
         py::arg("block_size"), py::arg("window"), py::arg("gate_w"), py::arg("gate_b"), py::arg("k_new") = py::none(),
         py::arg("v_new") = py::none());
+  m.def("gate_mix", &gate_mix, "a later loop's per-head gated mix g * global + (1 - g) * local of rows [N, H, D], "
+        "g = sigmoid(q . gate_w + gate_b)");
   m.def("product_peak_gflops", &product_peak_gflops, "GFLOP/s of independent multiply-adds of the batched bf16 kernel's "
         "instruction (vdpbf16ps or fp32 FMA) on registers, on PyTorch's threads (a ceiling)");
   m.attr("wide") = kWide;

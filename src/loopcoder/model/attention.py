@@ -180,15 +180,18 @@ class PagedAttention:
 
     def gated_later_loop(self, layer: int, loop: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: Gate) -> torch.Tensor:
         group = self.meta.decode
-        ops = _native(q) if group is not None and group.only else None
-        if ops is None:
-            return gate.mix(q, *self.later_loop(layer, loop, q, k, v))
-        k0, v0 = self.cache.global_kv(layer)
-        k1, v1 = self.cache.local_kv(loop, layer)
-        return ops.gated_decode_attention(
-            q, group.tokens, group.positions, k0, v0, group.global_table, k1, v1, group.local_table,
-            group.block_size, group.window, gate.weight, gate.bias, k.contiguous(), v.contiguous(),
-        )
+        ops = kernels.native(q)
+        if ops is not None and group is not None and group.only and _native(q) is not None:  # both branches and the mix in one call
+            k0, v0 = self.cache.global_kv(layer)
+            k1, v1 = self.cache.local_kv(loop, layer)
+            return ops.gated_decode_attention(
+                q, group.tokens, group.positions, k0, v0, group.global_table, k1, v1, group.local_table,
+                group.block_size, group.window, gate.weight, gate.bias, k.contiguous(), v.contiguous(),
+            )
+        glob, local = self.later_loop(layer, loop, q, k, v)
+        if ops is None or gate.weight.dtype != q.dtype:
+            return gate.mix(q, glob, local)
+        return ops.gate_mix(q.contiguous(), glob.contiguous(), local.contiguous(), gate.weight, gate.bias)  # the mix in one pass
 
     @staticmethod
     def _write(cache: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -200,6 +203,9 @@ class PagedAttention:
         group = self.meta.decode
         if group is not None and group.only:
             return decode(group)
+        spans = self.meta.prefills
+        if group is None and len(spans) == 1 and spans[0].first == 0 and spans[0].last == q.shape[0]:
+            return prefill(q, spans[0])  # one prompt alone: its output is the whole output
         out = torch.empty_like(q)
         if group is not None:
             out[group.tokens] = decode(group)
