@@ -270,11 +270,48 @@ inline void store8(BF16* p, __m256 v) {  // v already rounded to bf16: its high 
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1)));
 }
 
-// dst[k] = silu(gate[k]) * up[k] for k < K, 8 at a time; the SiLU and the product are each rounded
-// to T, as PyTorch's two ops round them.
+#ifdef LOOPCODER_WIDE
+// The same on 16 lanes: exp16 and silu16 give exp8's and silu8's results lane for lane.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const BF16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <typename T>
+inline __m512 round16(__m512 v) {
+  if constexpr (std::is_same<T, float>::value) return v;
+  __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);  // to nearest even
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(BF16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v)); }
+
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpLowest));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x));
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
+  return _mm512_scalef_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f))), n);
+}
+
+inline __m512 silu16(__m512 v) {
+  __m512 e = exp16(_mm512_or_ps(v, _mm512_set1_ps(-0.0f)));
+  __m512 one = _mm512_set1_ps(1.0f);
+  __m512 top = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ), one);
+  return _mm512_div_ps(_mm512_mul_ps(v, top), _mm512_add_ps(one, e));
+}
+#endif
+
+// dst[k] = silu(gate[k]) * up[k] for k < K, 16 (AVX-512) or 8 at a time; the SiLU and the product are
+// each rounded to T, as PyTorch's two ops round them.
 template <typename T, typename Out>
 inline void swiglu_row(const T* gate, const T* up, int64_t K, Out* dst) {
   int64_t k = 0;
+#ifdef LOOPCODER_WIDE
+  for (; k + 16 <= K; k += 16) store16(dst + k, round16<T>(_mm512_mul_ps(round16<T>(silu16(load16(gate + k))), load16(up + k))));
+#endif
   for (; k + 8 <= K; k += 8) store8(dst + k, round8<T>(_mm256_mul_ps(round8<T>(silu8(load8(gate + k))), load8(up + k))));
   if (k == K) return;
   float lanes[8] = {}, ups[8] = {};  // the tail through padded copies
