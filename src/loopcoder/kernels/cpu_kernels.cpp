@@ -1262,15 +1262,17 @@ void pair_up(std::vector<PairedKV>& paired, const BF16* keys, const BF16* values
 }
 
 // Rows (token, head) of one query tile: where each query starts, the first and last key it sees,
-// and (after attend_tile) its softmax denominator and unnormalized output.
+// and its running softmax: max, sums (16 lanes each, reduced at the end) and unnormalized output.
 struct QueryTile {
   const BF16* q[kQueryRows];
   int64_t lo[kQueryRows], hi[kQueryRows];
-  float sum[kQueryRows];
+  int64_t lowest, highest_lo, lowest_hi, last;  // over the rows: where the keys it sees start and end
+  float max[kQueryRows];
+  float sums[kQueryRows][16];
   float* out;  // [kQueryRows][D] fp32
 };
 
-// q . k of the tile's rows against the 64 keys from j0. Not inlined: inside attend_tile, GCC 12
+// q . k of the tile's rows against the 64 keys from j0. Not inlined: inside its caller, GCC 12
 // kept these sums in memory and stored all 16 on every step (the scores took 1.5x the time of the
 // same number of products against the values).
 template <int64_t D>
@@ -1290,99 +1292,106 @@ __attribute__((noinline)) void chunk_scores(const QueryTile& t, const PairedKV& 
     for (int b = 0; b < kKeyBlocks; ++b) s[r][b] = acc[r][b];
 }
 
-// The running softmax works in base 2 on unscaled scores: e^(scale (s - max)) = 2^(s c - max c) with
-// c = scale log2(e), one fused multiply-subtract per 16 scores. The running sums stay in registers
-// (reduced once at the end) and a new max rescales the outputs as the value pass loads them.
+// One chunk of 64 keys from j0 for one tile. The running softmax works in base 2 on unscaled scores:
+// e^(scale (s - max)) = 2^(s c - max c) with c = scale log2(e), one fused multiply-subtract per 16
+// scores; a new max rescales the outputs as the value pass loads them.
 template <int64_t D>
-void attend_tile(QueryTile& t, const PairedKV& kv, float scale, BF16* probs) {
-  int64_t lowest = *std::min_element(t.lo, t.lo + kQueryRows), highest_lo = *std::max_element(t.lo, t.lo + kQueryRows);
-  int64_t lowest_hi = *std::min_element(t.hi, t.hi + kQueryRows), last = *std::max_element(t.hi, t.hi + kQueryRows);
+void attend_chunk(QueryTile& t, const PairedKV& kv, int64_t j0, float c, BF16* probs) {
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const float c = scale * 1.44269504088896341f;
-  float max[kQueryRows];
-  __m512 sums[kQueryRows];
-  for (int r = 0; r < kQueryRows; ++r) max[r] = -1e30f, sums[r] = _mm512_setzero_ps();  // finite: a first rescale is by 2^-huge = 0
-  for (int64_t j0 = lowest / kKeyChunk * kKeyChunk; j0 <= last; j0 += kKeyChunk) {
-    __m512 s[kQueryRows][kKeyBlocks];
-    chunk_scores<D>(t, kv, j0, s);
-    bool masked = j0 < highest_lo || j0 + kKeyChunk - 1 > lowest_hi;
-    alignas(64) float shift[16] = {}, alpha[16];
-    __m512 totals[kQueryRows];
-    for (int r = 0; r < kQueryRows; ++r) {
-      __mmask16 seen[kKeyBlocks];
-      __m512 top = _mm512_set1_ps(-INFINITY);
-      for (int b = 0; b < kKeyBlocks; ++b) {
-        __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j0 + 16 * b)));
-        seen[b] = masked ? _mm512_cmple_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.hi[r]))) &
-                               _mm512_cmpge_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.lo[r])))
-                         : __mmask16(0xFFFF);
-        top = _mm512_mask_max_ps(top, seen[b], top, s[r][b]);
-      }
-      float m = std::max(max[r], _mm512_reduce_max_ps(top));
-      shift[r] = (max[r] - m) * c;
-      max[r] = m;
-      __m512 mc = _mm512_set1_ps(m * c), total = _mm512_setzero_ps();
-      for (int b = 0; b < kKeyBlocks; ++b) {
-        __m512 e = _mm512_maskz_mov_ps(seen[b], exp2_16(_mm512_fmsub_ps(s[r][b], _mm512_set1_ps(c), mc)));
-        total = _mm512_add_ps(total, e);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + r * kKeyChunk + 16 * b), (__m256i)_mm512_cvtneps_pbh(e));
-      }
-      totals[r] = total;
+  __m512 s[kQueryRows][kKeyBlocks];
+  chunk_scores<D>(t, kv, j0, s);
+  bool masked = j0 < t.highest_lo || j0 + kKeyChunk - 1 > t.lowest_hi;
+  alignas(64) float shift[16] = {}, alpha[16];
+  __m512 totals[kQueryRows];
+  for (int r = 0; r < kQueryRows; ++r) {
+    __mmask16 seen[kKeyBlocks];
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int b = 0; b < kKeyBlocks; ++b) {
+      __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j0 + 16 * b)));
+      seen[b] = masked ? _mm512_cmple_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.hi[r]))) &
+                             _mm512_cmpge_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.lo[r])))
+                       : __mmask16(0xFFFF);
+      top = _mm512_mask_max_ps(top, seen[b], top, s[r][b]);
     }
-    _mm512_store_ps(alpha, exp2_16(_mm512_load_ps(shift)));
-    for (int r = 0; r < kQueryRows; ++r) sums[r] = _mm512_fmadd_ps(sums[r], _mm512_set1_ps(alpha[r]), totals[r]);
-    int64_t pairs = (std::min(last, j0 + kKeyChunk - 1) - j0) / 2 + 1;
-    for (int64_t d0 = 0; d0 < D; d0 += 16 * kDimBlocks) {
-      __m512 o[kQueryRows][kDimBlocks];
-      for (int r = 0; r < kQueryRows; ++r)
-        for (int c = 0; c < kDimBlocks; ++c) o[r][c] = _mm512_mul_ps(_mm512_loadu_ps(t.out + r * D + d0 + 16 * c), _mm512_set1_ps(alpha[r]));
-      for (int64_t jp = 0; jp < pairs; ++jp) {
-        __m512bh v[kDimBlocks];
-        for (int c = 0; c < kDimBlocks; ++c) v[c] = (__m512bh)_mm512_loadu_si512(kv.value_pairs(j0 / 2 + jp, d0 + 16 * c));
-        for (int r = 0; r < kQueryRows; ++r) {
-          __m512bh pp = pair_of(probs + r * kKeyChunk + 2 * jp);
-          for (int c = 0; c < kDimBlocks; ++c) o[r][c] = _mm512_dpbf16_ps(o[r][c], v[c], pp);
-        }
-      }
-      for (int r = 0; r < kQueryRows; ++r)
-        for (int c = 0; c < kDimBlocks; ++c) _mm512_storeu_ps(t.out + r * D + d0 + 16 * c, o[r][c]);
+    float m = std::max(t.max[r], _mm512_reduce_max_ps(top));
+    shift[r] = (t.max[r] - m) * c;
+    t.max[r] = m;
+    __m512 mc = _mm512_set1_ps(m * c), total = _mm512_setzero_ps();
+    for (int b = 0; b < kKeyBlocks; ++b) {
+      __m512 e = _mm512_maskz_mov_ps(seen[b], exp2_16(_mm512_fmsub_ps(s[r][b], _mm512_set1_ps(c), mc)));
+      total = _mm512_add_ps(total, e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + r * kKeyChunk + 16 * b), (__m256i)_mm512_cvtneps_pbh(e));
     }
+    totals[r] = total;
   }
-  for (int r = 0; r < kQueryRows; ++r) t.sum[r] = _mm512_reduce_add_ps(sums[r]);
+  _mm512_store_ps(alpha, exp2_16(_mm512_load_ps(shift)));
+  for (int r = 0; r < kQueryRows; ++r)
+    _mm512_storeu_ps(t.sums[r], _mm512_fmadd_ps(_mm512_loadu_ps(t.sums[r]), _mm512_set1_ps(alpha[r]), totals[r]));
+  int64_t pairs = (std::min(t.last, j0 + kKeyChunk - 1) - j0) / 2 + 1;
+  for (int64_t d0 = 0; d0 < D; d0 += 16 * kDimBlocks) {
+    __m512 o[kQueryRows][kDimBlocks];
+    for (int r = 0; r < kQueryRows; ++r)
+      for (int i = 0; i < kDimBlocks; ++i) o[r][i] = _mm512_mul_ps(_mm512_loadu_ps(t.out + r * D + d0 + 16 * i), _mm512_set1_ps(alpha[r]));
+    for (int64_t jp = 0; jp < pairs; ++jp) {
+      __m512bh v[kDimBlocks];
+      for (int i = 0; i < kDimBlocks; ++i) v[i] = (__m512bh)_mm512_loadu_si512(kv.value_pairs(j0 / 2 + jp, d0 + 16 * i));
+      for (int r = 0; r < kQueryRows; ++r) {
+        __m512bh pp = pair_of(probs + r * kKeyChunk + 2 * jp);
+        for (int i = 0; i < kDimBlocks; ++i) o[r][i] = _mm512_dpbf16_ps(o[r][i], v[i], pp);
+      }
+    }
+    for (int r = 0; r < kQueryRows; ++r)
+      for (int i = 0; i < kDimBlocks; ++i) _mm512_storeu_ps(t.out + r * D + d0 + 16 * i, o[r][i]);
+  }
 }
 
+// A work item is 16 tokens x the query heads of one KV head: its tiles take each chunk of keys and
+// values in turn while the chunk sits in L1 (tile after tile over all chunks read them from L2 once
+// per tile).
 template <int64_t D>
 void prefill_attention_d(const BF16* q, const BF16* keys, const BF16* values, const int64_t* slots, int64_t L, int64_t first, int64_t T,
                          int64_t H, int64_t KVH, int64_t window, int64_t key_first, BF16* out) {
   int64_t G = H / KVH, blocks = (T + kTokensPerItem - 1) / kTokensPerItem;
   std::vector<PairedKV> paired(KVH);
   pair_up(paired, keys, values, slots, L, KVH, D);
-  float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const float c = 1.44269504088896341f / std::sqrt(static_cast<float>(D));  // scale log2(e)
   for_each_tile(KVH * blocks, [&](int64_t item) {
     int64_t h = item / blocks, block = blocks - 1 - item % blocks;  // a head at a time (its keys stay in L2), the longest rows first
     int64_t t0 = block * kTokensPerItem, rows = (std::min(T, t0 + kTokensPerItem) - t0) * G;
+    int64_t count = (rows + kQueryRows - 1) / kQueryRows;
     thread_local std::vector<float> acc;
     thread_local std::vector<BF16> probs;
-    acc.resize(kQueryRows * D);
+    thread_local std::vector<QueryTile> tiles;
+    acc.assign(count * kQueryRows * D, 0.0f);
     probs.resize(kQueryRows * kKeyChunk);
-    for (int64_t r0 = 0; r0 < rows; r0 += kQueryRows) {
-      QueryTile t;
-      t.out = acc.data();
-      std::fill(acc.begin(), acc.end(), 0.0f);
+    tiles.resize(count);
+    int64_t start = INT64_MAX, end = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      QueryTile& t = tiles[i];
+      t.out = acc.data() + i * kQueryRows * D;
       for (int r = 0; r < kQueryRows; ++r) {
-        int64_t row = std::min(r0 + r, rows - 1);  // a short last tile repeats its last row
+        int64_t row = std::min(i * kQueryRows + r, rows - 1);  // a short last tile repeats its last row
         int64_t token = t0 + row / G, head = h * G + row % G;
         t.q[r] = q + (token * H + head) * D;
         t.hi[r] = first + token - key_first;
         t.lo[r] = window > 0 ? std::max<int64_t>(t.hi[r] - window + 1, 0) : 0;
+        t.max[r] = -1e30f;  // finite: the first rescale is by 2^-huge = 0
+        std::fill(t.sums[r], t.sums[r] + 16, 0.0f);
       }
-      attend_tile<D>(t, paired[h], scale, probs.data());
-      for (int r = 0; r < kQueryRows && r0 + r < rows; ++r) {
-        int64_t row = r0 + r, token = t0 + row / G, head = h * G + row % G;
-        float inv = 1.0f / t.sum[r];
-        for (int64_t d = 0; d < D; ++d) out[(token * H + head) * D + d] = static_cast<BF16>(acc[r * D + d] * inv);
-      }
+      t.lowest = *std::min_element(t.lo, t.lo + kQueryRows), t.highest_lo = *std::max_element(t.lo, t.lo + kQueryRows);
+      t.lowest_hi = *std::min_element(t.hi, t.hi + kQueryRows), t.last = *std::max_element(t.hi, t.hi + kQueryRows);
+      start = std::min(start, t.lowest / kKeyChunk * kKeyChunk), end = std::max(end, t.last);
     }
+    for (int64_t j0 = start; j0 <= end; j0 += kKeyChunk)
+      for (QueryTile& t : tiles)
+        if (j0 <= t.last && j0 + kKeyChunk > t.lowest) attend_chunk<D>(t, paired[h], j0, c, probs.data());
+    for (int64_t i = 0; i < count; ++i)
+      for (int r = 0; r < kQueryRows && i * kQueryRows + r < rows; ++r) {
+        int64_t row = i * kQueryRows + r, token = t0 + row / G, head = h * G + row % G;
+        float inv = 1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(tiles[i].sums[r]));
+        const float* o = tiles[i].out + r * D;
+        for (int64_t d = 0; d < D; ++d) out[(token * H + head) * D + d] = static_cast<BF16>(o[d] * inv);
+      }
   });
 }
 
