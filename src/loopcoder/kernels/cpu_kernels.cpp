@@ -1211,17 +1211,29 @@ constexpr int kQueryRows = 4;                   // query rows (token, head) shar
 constexpr int kDimBlocks = 4;                   // registers of 16 output dimensions per pass over a chunk's values
 constexpr int64_t kTokensPerItem = 16;
 
-// 2^x on 16 lanes: 2^n times a degree-6 polynomial in x - n, |x - n| <= 1/2 (Cephes' exp2f, about
-// 2 ulp); vscalefps applies 2^n, going to 0 far below -126 (masked-out scores, a first max).
-constexpr float kExp2Poly[] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f,
-                               2.402264791363012e-1f, 6.931472028550421e-1f, 1.0f};
+// 2^x on 16 lanes: 2^n times a degree-5 polynomial in x - n, |x - n| <= 1/2 (fitted here for relative
+// error, 2.3e-7 evaluated in fp32: about 2 ulp); vscalefps applies 2^n, going to 0 far below -126
+// (masked-out scores, a first max).
+constexpr float kExp2Poly[] = {1.3276452664e-3f, 9.6755418926e-3f, 5.5507134646e-2f, 2.4022120237e-1f, 6.9314694405e-1f, 1.0000001192f};
 inline __m512 exp2_16(__m512 x) {
   __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(kExp2Poly[0]);
-  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2Poly[i]));
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2Poly[i]));
   return _mm512_scalef_ps(p, n);
 }
+
+// Lanes 4r..4r+3: the max of v[r]'s 16 lanes, for the four rows of a tile at once.
+inline __m512 row_maxes(const __m512 (&v)[4]) {
+  __m512 ab = _mm512_max_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xEE));
+  __m512 cd = _mm512_max_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xEE));
+  __m512 m = _mm512_max_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  m = _mm512_max_ps(m, _mm512_permute_ps(m, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm512_max_ps(m, _mm512_permute_ps(m, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+
+// Lane 4r of v in all 16 lanes (row r's value, from a row_maxes layout).
+inline __m512 row_value(__m512 v, int r) { return _mm512_permutexvar_ps(_mm512_set1_epi32(4 * r), v); }
 
 inline __m512bh pair_of(const BF16* p) {
   int32_t bits;
@@ -1267,7 +1279,7 @@ struct QueryTile {
   const BF16* q[kQueryRows];
   int64_t lo[kQueryRows], hi[kQueryRows];
   int64_t lowest, highest_lo, lowest_hi, last;  // over the rows: where the keys it sees start and end
-  float max[kQueryRows];
+  float max[16];  // row r's in lanes 4r..4r+3 (row_maxes)
   float sums[kQueryRows][16];
   float* out;  // [kQueryRows][D] fp32
 };
@@ -1301,37 +1313,35 @@ void attend_chunk(QueryTile& t, const PairedKV& kv, int64_t j0, float c, BF16* p
   __m512 s[kQueryRows][kKeyBlocks];
   chunk_scores<D>(t, kv, j0, s);
   bool masked = j0 < t.highest_lo || j0 + kKeyChunk - 1 > t.lowest_hi;
-  alignas(64) float shift[16] = {}, alpha[16];
-  __m512 totals[kQueryRows];
+  __mmask16 seen[kQueryRows][kKeyBlocks];
+  __m512 tops[kQueryRows];
   for (int r = 0; r < kQueryRows; ++r) {
-    __mmask16 seen[kKeyBlocks];
-    __m512 top = _mm512_set1_ps(-INFINITY);
+    tops[r] = _mm512_set1_ps(-INFINITY);
     for (int b = 0; b < kKeyBlocks; ++b) {
       __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j0 + 16 * b)));
-      seen[b] = masked ? _mm512_cmple_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.hi[r]))) &
-                             _mm512_cmpge_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.lo[r])))
-                       : __mmask16(0xFFFF);
-      top = _mm512_mask_max_ps(top, seen[b], top, s[r][b]);
+      seen[r][b] = masked ? _mm512_cmple_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.hi[r]))) &
+                                _mm512_cmpge_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.lo[r])))
+                          : __mmask16(0xFFFF);
+      tops[r] = _mm512_mask_max_ps(tops[r], seen[r][b], tops[r], s[r][b]);
     }
-    float m = std::max(t.max[r], _mm512_reduce_max_ps(top));
-    shift[r] = (t.max[r] - m) * c;
-    t.max[r] = m;
-    __m512 mc = _mm512_set1_ps(m * c), total = _mm512_setzero_ps();
+  }
+  __m512 before = _mm512_loadu_ps(t.max), top = _mm512_max_ps(before, row_maxes(tops)), cv = _mm512_set1_ps(c);
+  _mm512_storeu_ps(t.max, top);
+  __m512 alpha = exp2_16(_mm512_mul_ps(_mm512_sub_ps(before, top), cv)), shift = _mm512_mul_ps(top, cv);
+  for (int r = 0; r < kQueryRows; ++r) {
+    __m512 mc = row_value(shift, r), total = _mm512_setzero_ps();
     for (int b = 0; b < kKeyBlocks; ++b) {
-      __m512 e = _mm512_maskz_mov_ps(seen[b], exp2_16(_mm512_fmsub_ps(s[r][b], _mm512_set1_ps(c), mc)));
+      __m512 e = _mm512_maskz_mov_ps(seen[r][b], exp2_16(_mm512_fmsub_ps(s[r][b], cv, mc)));
       total = _mm512_add_ps(total, e);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + r * kKeyChunk + 16 * b), (__m256i)_mm512_cvtneps_pbh(e));
     }
-    totals[r] = total;
+    _mm512_storeu_ps(t.sums[r], _mm512_fmadd_ps(_mm512_loadu_ps(t.sums[r]), row_value(alpha, r), total));
   }
-  _mm512_store_ps(alpha, exp2_16(_mm512_load_ps(shift)));
-  for (int r = 0; r < kQueryRows; ++r)
-    _mm512_storeu_ps(t.sums[r], _mm512_fmadd_ps(_mm512_loadu_ps(t.sums[r]), _mm512_set1_ps(alpha[r]), totals[r]));
   int64_t pairs = (std::min(t.last, j0 + kKeyChunk - 1) - j0) / 2 + 1;
   for (int64_t d0 = 0; d0 < D; d0 += 16 * kDimBlocks) {
     __m512 o[kQueryRows][kDimBlocks];
     for (int r = 0; r < kQueryRows; ++r)
-      for (int i = 0; i < kDimBlocks; ++i) o[r][i] = _mm512_mul_ps(_mm512_loadu_ps(t.out + r * D + d0 + 16 * i), _mm512_set1_ps(alpha[r]));
+      for (int i = 0; i < kDimBlocks; ++i) o[r][i] = _mm512_mul_ps(_mm512_loadu_ps(t.out + r * D + d0 + 16 * i), row_value(alpha, r));
     for (int64_t jp = 0; jp < pairs; ++jp) {
       __m512bh v[kDimBlocks];
       for (int i = 0; i < kDimBlocks; ++i) v[i] = (__m512bh)_mm512_loadu_si512(kv.value_pairs(j0 / 2 + jp, d0 + 16 * i));
@@ -1375,9 +1385,9 @@ void prefill_attention_d(const BF16* q, const BF16* keys, const BF16* values, co
         t.q[r] = q + (token * H + head) * D;
         t.hi[r] = first + token - key_first;
         t.lo[r] = window > 0 ? std::max<int64_t>(t.hi[r] - window + 1, 0) : 0;
-        t.max[r] = -1e30f;  // finite: the first rescale is by 2^-huge = 0
         std::fill(t.sums[r], t.sums[r] + 16, 0.0f);
       }
+      std::fill(t.max, t.max + 16, -1e30f);  // finite: the first rescale is by 2^-huge = 0
       t.lowest = *std::min_element(t.lo, t.lo + kQueryRows), t.highest_lo = *std::max_element(t.lo, t.lo + kQueryRows);
       t.lowest_hi = *std::min_element(t.hi, t.hi + kQueryRows), t.last = *std::max_element(t.hi, t.hi + kQueryRows);
       start = std::min(start, t.lowest / kKeyChunk * kKeyChunk), end = std::max(end, t.last);
