@@ -882,10 +882,22 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
   return y;
 }
 
-// One head: dst = src * cos + rotate_half(src) * sin, each product and the sum rounded to T.
+// One head: dst = src * cos + rotate_half(src) * sin, each product and the sum rounded to T (8 lanes
+// at a time where half the head is a multiple of 8).
 template <typename T>
 inline void rope_head(const T* src, const T* cos, const T* sin, T* dst, int64_t D) {
   int64_t half = D / 2;
+  if (half % 8 == 0) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t d = 0; d < half; d += 8) {
+      __m256 x1 = load8(src + d), x2 = load8(src + half + d);
+      __m256 a = round8<T>(_mm256_mul_ps(x1, load8(cos + d))), b = round8<T>(_mm256_mul_ps(_mm256_xor_ps(x2, sign), load8(sin + d)));
+      store8(dst + d, round8<T>(_mm256_add_ps(a, b)));
+      a = round8<T>(_mm256_mul_ps(x2, load8(cos + half + d))), b = round8<T>(_mm256_mul_ps(x1, load8(sin + half + d)));
+      store8(dst + half + d, round8<T>(_mm256_add_ps(a, b)));
+    }
+    return;
+  }
   for (int64_t d = 0; d < D; ++d) {
     float rot = d < half ? -static_cast<float>(src[d + half]) : static_cast<float>(src[d - half]);
     float a = rnd<T>(static_cast<float>(src[d]) * static_cast<float>(cos[d]));
@@ -894,17 +906,20 @@ inline void rope_head(const T* src, const T* cos, const T* sin, T* dst, int64_t 
   }
 }
 
+// Rows of a step in tiles of 16 over the threads (a decode step's few rows on the calling thread).
 template <typename T>
 void rope_qkv_typed(const T* qkv, const T* cos, const T* sin, T* q, T* k, T* v, int64_t M, int64_t H, int64_t KVH, int64_t D) {
   int64_t width = (H + 2 * KVH) * D;
-  for (int64_t m = 0; m < M; ++m) {
-    const T* row = qkv + m * width;
-    const T* c = cos + m * D;
-    const T* s = sin + m * D;
-    for (int64_t h = 0; h < H; ++h) rope_head(row + h * D, c, s, q + (m * H + h) * D, D);
-    for (int64_t h = 0; h < KVH; ++h) rope_head(row + (H + h) * D, c, s, k + (m * KVH + h) * D, D);
-    std::copy(row + (H + KVH) * D, row + width, v + m * KVH * D);
-  }
+  for_each_tile((M + 15) / 16, [&](int64_t t) {
+    for (int64_t m = t * 16; m < std::min(M, (t + 1) * 16); ++m) {
+      const T* row = qkv + m * width;
+      const T* c = cos + m * D;
+      const T* s = sin + m * D;
+      for (int64_t h = 0; h < H; ++h) rope_head(row + h * D, c, s, q + (m * H + h) * D, D);
+      for (int64_t h = 0; h < KVH; ++h) rope_head(row + (H + h) * D, c, s, k + (m * KVH + h) * D, D);
+      std::copy(row + (H + KVH) * D, row + width, v + m * KVH * D);
+    }
+  }, M < 64);
 }
 
 std::vector<torch::Tensor> rope_qkv(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin, int64_t H, int64_t KVH) {
@@ -1034,19 +1049,29 @@ PagedKV<T> paged(const torch::Tensor& keys, const torch::Tensor& values, const t
 
 inline int64_t window_start(int64_t pos, int64_t window) { return window > 0 ? std::max<int64_t>(pos - window + 1, 0) : 0; }
 
-// A later loop's mix of its branches for heads h0..h0+G-1 of one token (q, global a, local l: [G, D]):
-// g * a + (1 - g) * l with g = sigmoid(q . gate_w[h] + gate_b[h]), each op rounded to T as the plain
-// path's ops round (the branches too, where they arrive in fp32).
-template <typename T>
-void mix_heads(const float* q, const float* a, const float* l, int64_t G, int64_t h0, int64_t D, const T* gate_w, const T* gate_b, T* dst) {
+// A later loop's mix of its branches for heads h0..h0+G-1 of one token (q, global a, local l: [G, D],
+// fp32 or T): g * a + (1 - g) * l with g = sigmoid(q . gate_w[h] + gate_b[h]), each op rounded to T as
+// the plain path's ops round (the branches too, where they arrive in fp32).
+template <typename T, typename In>
+void mix_heads(const In* q, const In* a, const In* l, int64_t G, int64_t h0, int64_t D, const T* gate_w, const T* gate_b, T* dst) {
+  int64_t body = D / 8 * 8;
   for (int64_t g = 0; g < G; ++g) {
     int64_t h = h0 + g;
-    float logit = static_cast<float>(gate_b[h]);
-    for (int64_t d = 0; d < D; ++d) logit += q[g * D + d] * static_cast<float>(gate_w[h * D + d]);
+    const In *qg = q + g * D, *ag = a + g * D, *lg = l + g * D;
+    const T* w = gate_w + h * D;
+    __m256 dot = _mm256_setzero_ps();
+    for (int64_t d = 0; d < body; d += 8) dot = _mm256_fmadd_ps(load8(qg + d), load8(w + d), dot);
+    float logit = static_cast<float>(gate_b[h]) + hsum(dot);
+    for (int64_t d = body; d < D; ++d) logit += static_cast<float>(qg[d]) * static_cast<float>(w[d]);
     float gate = rnd<T>(1.0f / (1.0f + std::exp(-logit))), rest = rnd<T>(1.0f - gate);
-    for (int64_t d = 0; d < D; ++d) {
-      int64_t i = g * D + d;
-      dst[i] = static_cast<T>(rnd<T>(gate * rnd<T>(a[i])) + rnd<T>(rest * rnd<T>(l[i])));
+    __m256 gv = _mm256_set1_ps(gate), rv = _mm256_set1_ps(rest);
+    for (int64_t d = 0; d < body; d += 8) {
+      __m256 x = round8<T>(_mm256_mul_ps(gv, round8<T>(load8(ag + d)))), y = round8<T>(_mm256_mul_ps(rv, round8<T>(load8(lg + d))));
+      store8(dst + g * D + d, round8<T>(_mm256_add_ps(x, y)));
+    }
+    for (int64_t d = body; d < D; ++d) {
+      float x = rnd<T>(gate * rnd<T>(static_cast<float>(ag[d]))), y = rnd<T>(rest * rnd<T>(static_cast<float>(lg[d])));
+      dst[g * D + d] = static_cast<T>(x + y);
     }
   }
 }
@@ -1064,16 +1089,8 @@ torch::Tensor gate_mix(const torch::Tensor& q, const torch::Tensor& a, const tor
   auto out = torch::empty_like(q);
   auto run = [&](auto* qp, auto* ap, auto* lp, auto* wp, auto* bp, auto* op) {
     for_each_tile((N + 15) / 16, [&](int64_t t) {
-      thread_local std::vector<float> rows;
-      rows.resize(3 * H * D);
-      for (int64_t n = t * 16; n < std::min(N, (t + 1) * 16); ++n) {
-        for (int64_t i = 0; i < H * D; ++i) {
-          rows[i] = static_cast<float>(qp[n * H * D + i]);
-          rows[H * D + i] = static_cast<float>(ap[n * H * D + i]);
-          rows[2 * H * D + i] = static_cast<float>(lp[n * H * D + i]);
-        }
-        mix_heads(rows.data(), rows.data() + H * D, rows.data() + 2 * H * D, H, 0, D, wp, bp, op + n * H * D);
-      }
+      for (int64_t n = t * 16; n < std::min(N, (t + 1) * 16); ++n)
+        mix_heads(qp + n * H * D, ap + n * H * D, lp + n * H * D, H, 0, D, wp, bp, op + n * H * D);
     });
   };
   if (q.scalar_type() == torch::kBFloat16) {
