@@ -746,6 +746,13 @@ inline int64_t packed_index(int64_t n, int64_t k, int64_t N, int64_t width) {
 template <typename W>
 void repack(const W* src, W* dst, int64_t N, int64_t K, int64_t width, bool to_packed) {
   for_each_tile((N + kGroup - 1) / kGroup, [&](int64_t g) {
+    if (!to_packed && K == width && (g + 1) * kGroup <= N) {  // a full group back to rows: chunk by chunk, one 16-wide run per row
+      const W* chunk = src + g * kGroup * width;
+      W* rows = dst + g * kGroup * K;
+      for (int64_t k = 0; k < K; k += kStep, chunk += kGroup * kStep)
+        for (int64_t r = 0; r < kGroup; ++r) std::memcpy(rows + r * K + k, chunk + r * kStep, kStep * sizeof(W));
+      return;
+    }
     for (int64_t n = g * kGroup; n < std::min(N, (g + 1) * kGroup); ++n) {
       for (int64_t k = 0; k < width; k += kStep) {
         int64_t p = packed_index(n, k, N, width), count = std::min(kStep, K - k);
