@@ -124,7 +124,7 @@ def prefill_section(name: str, engine, config: LoopCoderConfig, lengths: list[in
     kv = {}
     for length in lengths:
         runs = []
-        for rep in range(1 if quick or length > 1024 else 3):
+        for rep in range(1 if quick else 3):
             runs.append((gemm(torch.bfloat16), gemm(torch.float32), *ef.prefill(engine, length, rep)))
         kv = runs[-1][3]
         flops = prefill_flops_per_token(config, length) / 1e9
