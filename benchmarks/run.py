@@ -29,7 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import loopcoder  # noqa: F401, I001 - before torch: it sets OpenMP's wait policy, as for the CLI and the server
+import loopcoder  # noqa: F401, I001 - before torch: it sets how long OpenMP threads spin, as for the CLI and the server
 import torch
 
 from benchmarks import ceilings, quality
