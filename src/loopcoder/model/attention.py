@@ -180,8 +180,8 @@ class PagedAttention:
 
     def gated_later_loop(self, layer: int, loop: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: Gate) -> torch.Tensor:
         group = self.meta.decode
-        ops = kernels.native(q)
-        if ops is not None and group is not None and group.only and _native(q) is not None:  # both branches and the mix in one call
+        ops = _native(q) if group is not None and group.only else None
+        if ops is not None:  # a decode step: both branches and the mix in one native call
             k0, v0 = self.cache.global_kv(layer)
             k1, v1 = self.cache.local_kv(loop, layer)
             return ops.gated_decode_attention(
@@ -189,6 +189,7 @@ class PagedAttention:
                 group.block_size, group.window, gate.weight, gate.bias, k.contiguous(), v.contiguous(),
             )
         glob, local = self.later_loop(layer, loop, q, k, v)
+        ops = kernels.native(q)
         if ops is None or gate.weight.dtype != q.dtype:
             return gate.mix(q, glob, local)
         return ops.gate_mix(q.contiguous(), glob.contiguous(), local.contiguous(), gate.weight, gate.bias)  # the mix in one pass
