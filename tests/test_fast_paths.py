@@ -78,14 +78,16 @@ def test_skinny_linear(ops, dtype: torch.dtype, rows: int, k: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
-def test_packed_layout_round_trips(ops, dtype: torch.dtype) -> None:
-    """19 rows (two groups of 8 and a row-major tail of 3), 100 columns (padded to 112)."""
-    w = (rand(19, 100, seed=7) * 40).to(dtype)
+@pytest.mark.parametrize("cols", [100, 96])
+def test_packed_layout_round_trips(ops, dtype: torch.dtype, cols: int) -> None:
+    """19 rows (two groups of 8 and a row-major tail of 3), 100 columns (padded to 112) or 96 (no padding: the
+    whole-group copy)."""
+    w = (rand(19, cols, seed=7) * 40).to(dtype)
     packed = ops.pack(w)
-    assert packed.shape == (19, 112)
-    assert torch.equal(ops.unpack(packed, 100), w)
+    assert packed.shape == (19, -(-cols // 16) * 16)
+    assert torch.equal(ops.unpack(packed, cols), w)
     ids = torch.tensor([0, 7, 8, 15, 16, 18, 3])
-    assert torch.equal(ops.packed_rows(packed, ids, 100), w[ids])
+    assert torch.equal(ops.packed_rows(packed, ids, cols), w[ids])
 
 
 def test_pack_weights_streams_one_buffer_in_decode_order() -> None:
