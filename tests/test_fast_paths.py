@@ -185,6 +185,7 @@ def test_int8_quantization_matches_torch_and_dequantized_reference(dtype: torch.
     (37, 0, 16, 4, 64, 0, 0), (70, 100, 8, 2, 128, 0, 0), (5, 3, 6, 3, 64, 0, 0),  # loop 0's causal attention
     (37, 0, 16, 4, 64, 5, 0), (70, 100, 8, 2, 128, 64, 37), (130, 9, 4, 2, 64, 64, 0),  # a later loop's window
     (3, 200, 4, 4, 64, 64, 137), (20, 200, 4, 4, 64, 64, 120),
+    (29, 11, 10, 2, 64, 0, 0), (29, 11, 10, 2, 64, 8, 0),  # five query heads per KV head: tiles span tokens
 ])
 def test_prefill_attention_matches_sdpa(ops, tokens: int, first: int, heads: int, kv_heads: int, head_dim: int, window: int,
                                         key_first: int) -> None:
