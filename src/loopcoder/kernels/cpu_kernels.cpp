@@ -865,12 +865,22 @@ void rms_norm_typed(const T* x, const T* w, T* y, int64_t M, int64_t K, float ep
       T* out = y + m * K;
       __m256 squares = _mm256_setzero_ps();
       int64_t k = 0;
+#ifdef LOOPCODER_WIDE
+      __m512 wide = _mm512_setzero_ps();
+      for (; k + 16 <= K; k += 16) wide = _mm512_fmadd_ps(load16(row + k), load16(row + k), wide);
+      squares = _mm256_add_ps(_mm512_castps512_ps256(wide), _mm512_extractf32x8_ps(wide, 1));
+#endif
       for (; k + 8 <= K; k += 8) squares = _mm256_fmadd_ps(load8(row + k), load8(row + k), squares);
       float ss = hsum(squares);
       for (; k < K; ++k) ss += static_cast<float>(row[k]) * static_cast<float>(row[k]);
       float r = 1.0f / std::sqrt(ss / K + eps);
       const __m256 rv = _mm256_set1_ps(r);
-      for (k = 0; k + 8 <= K; k += 8) store8(out + k, round8<T>(_mm256_mul_ps(load8(w + k), round8<T>(_mm256_mul_ps(load8(row + k), rv)))));
+      k = 0;
+#ifdef LOOPCODER_WIDE
+      for (const __m512 rw = _mm512_set1_ps(r); k + 16 <= K; k += 16)
+        store16(out + k, round16<T>(_mm512_mul_ps(load16(w + k), round16<T>(_mm512_mul_ps(load16(row + k), rw)))));
+#endif
+      for (; k + 8 <= K; k += 8) store8(out + k, round8<T>(_mm256_mul_ps(load8(w + k), round8<T>(_mm256_mul_ps(load8(row + k), rv)))));
       for (; k < K; ++k) out[k] = static_cast<T>(static_cast<float>(w[k]) * rnd<T>(static_cast<float>(row[k]) * r));
     }
   });
@@ -1290,9 +1300,17 @@ void pair_up(std::vector<PairedKV>& paired, const BF16* keys, const BF16* values
     PairedKV& kv = paired[h];
     for (int64_t j = j0; j < std::min(L, j0 + kKeyChunk); ++j) {
       const BF16* k = keys + (slots[j] * KVH + h) * D;
-      const BF16* v = values + (slots[j] * KVH + h) * D;
       for (int64_t dp = 0; dp < D / 2; ++dp) std::memcpy(kv.keys.data() + kv.key_at(j / 16, dp) + j % 16 * 2, k + 2 * dp, 2 * sizeof(BF16));
-      for (int64_t d = 0; d < D; ++d) kv.values[kv.value_at(j / 2, d) + j % 2] = v[d];
+    }
+    for (int64_t j = j0; j < std::min(L, j0 + kKeyChunk); j += 2) {  // two keys' values interleaved, 16 dimensions at a time
+      const BF16* v0 = values + (slots[j] * KVH + h) * D;
+      const BF16* v1 = j + 1 < L ? values + (slots[j + 1] * KVH + h) * D : nullptr;
+      for (int64_t d = 0; d < D; d += 16) {
+        __m512i even = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)));
+        __m512i odd = v1 ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + d))), 16)
+                         : _mm512_setzero_si512();
+        _mm512_storeu_si512(kv.values.data() + kv.value_at(j / 2, d), _mm512_or_si512(even, odd));
+      }
     }
   });
 }
