@@ -1326,40 +1326,41 @@ struct QueryTile {
   float* out;  // [kQueryRows][D] fp32
 };
 
-// q . k of the tile's rows against the 64 keys from j0. Not inlined: inside its caller, GCC 12
+// q . k of the tile's rows against B blocks of 16 keys from j0. Not inlined: inside its caller, GCC 12
 // kept these sums in memory and stored all 16 on every step (the scores took 1.5x the time of the
 // same number of products against the values).
-template <int64_t D>
+template <int64_t D, int B>
 __attribute__((noinline)) void chunk_scores(const QueryTile& t, const PairedKV& kv, int64_t j0, __m512 (&s)[kQueryRows][kKeyBlocks]) {
-  __m512 acc[kQueryRows][kKeyBlocks];
+  __m512 acc[kQueryRows][B];
   for (int r = 0; r < kQueryRows; ++r)
-    for (int b = 0; b < kKeyBlocks; ++b) acc[r][b] = _mm512_setzero_ps();
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
   for (int64_t dp = 0; dp < D / 2; ++dp) {
-    __m512bh k[kKeyBlocks];
-    for (int b = 0; b < kKeyBlocks; ++b) k[b] = (__m512bh)_mm512_loadu_si512(kv.key_pairs(j0 / 16 + b, dp));
+    __m512bh k[B];
+    for (int b = 0; b < B; ++b) k[b] = (__m512bh)_mm512_loadu_si512(kv.key_pairs(j0 / 16 + b, dp));
     for (int r = 0; r < kQueryRows; ++r) {
       __m512bh qp = pair_of(t.q[r] + 2 * dp);
-      for (int b = 0; b < kKeyBlocks; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], k[b], qp);
+      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], k[b], qp);
     }
   }
   for (int r = 0; r < kQueryRows; ++r)
-    for (int b = 0; b < kKeyBlocks; ++b) s[r][b] = acc[r][b];
+    for (int b = 0; b < B; ++b) s[r][b] = acc[r][b];
 }
 
-// One chunk of 64 keys from j0 for one tile. The running softmax works in base 2 on unscaled scores:
-// e^(scale (s - max)) = 2^(s c - max c) with c = scale log2(e), one fused multiply-subtract per 16
-// scores; a new max rescales the outputs as the value pass loads them.
-template <int64_t D>
-void attend_chunk(QueryTile& t, const PairedKV& kv, int64_t j0, float c, BF16* probs) {
+// One chunk of B blocks of 16 keys from j0 for one tile (B < 4 where the tile's last key comes
+// sooner). The running softmax works in base 2 on unscaled scores: e^(scale (s - max)) =
+// 2^(s c - max c) with c = scale log2(e), one fused multiply-subtract per 16 scores; a new max
+// rescales the outputs as the value pass loads them.
+template <int64_t D, int B>
+void attend_blocks(QueryTile& t, const PairedKV& kv, int64_t j0, float c, BF16* probs) {
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   __m512 s[kQueryRows][kKeyBlocks];
-  chunk_scores<D>(t, kv, j0, s);
-  bool masked = j0 < t.highest_lo || j0 + kKeyChunk - 1 > t.lowest_hi;
+  chunk_scores<D, B>(t, kv, j0, s);
+  bool masked = j0 < t.highest_lo || j0 + 16 * B - 1 > t.lowest_hi;
   __mmask16 seen[kQueryRows][kKeyBlocks];
   __m512 tops[kQueryRows];
   for (int r = 0; r < kQueryRows; ++r) {
     tops[r] = _mm512_set1_ps(-INFINITY);
-    for (int b = 0; b < kKeyBlocks; ++b) {
+    for (int b = 0; b < B; ++b) {
       __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j0 + 16 * b)));
       seen[r][b] = masked ? _mm512_cmple_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.hi[r]))) &
                                 _mm512_cmpge_epi32_mask(key, _mm512_set1_epi32(static_cast<int>(t.lo[r])))
@@ -1372,14 +1373,14 @@ void attend_chunk(QueryTile& t, const PairedKV& kv, int64_t j0, float c, BF16* p
   __m512 alpha = exp2_16(_mm512_mul_ps(_mm512_sub_ps(before, top), cv)), shift = _mm512_mul_ps(top, cv);
   for (int r = 0; r < kQueryRows; ++r) {
     __m512 mc = row_value(shift, r), total = _mm512_setzero_ps();
-    for (int b = 0; b < kKeyBlocks; ++b) {
+    for (int b = 0; b < B; ++b) {
       __m512 e = _mm512_maskz_mov_ps(seen[r][b], exp2_16(_mm512_fmsub_ps(s[r][b], cv, mc)));
       total = _mm512_add_ps(total, e);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(probs + r * kKeyChunk + 16 * b), (__m256i)_mm512_cvtneps_pbh(e));
     }
     _mm512_storeu_ps(t.sums[r], _mm512_fmadd_ps(_mm512_loadu_ps(t.sums[r]), row_value(alpha, r), total));
   }
-  int64_t pairs = (std::min(t.last, j0 + kKeyChunk - 1) - j0) / 2 + 1;
+  int64_t pairs = (std::min(t.last, j0 + 16 * B - 1) - j0) / 2 + 1;
   for (int64_t d0 = 0; d0 < D; d0 += 16 * kDimBlocks) {
     __m512 o[kQueryRows][kDimBlocks];
     for (int r = 0; r < kQueryRows; ++r)
@@ -1394,6 +1395,17 @@ void attend_chunk(QueryTile& t, const PairedKV& kv, int64_t j0, float c, BF16* p
     }
     for (int r = 0; r < kQueryRows; ++r)
       for (int i = 0; i < kDimBlocks; ++i) _mm512_storeu_ps(t.out + r * D + d0 + 16 * i, o[r][i]);
+  }
+}
+
+// The keys from j0 up to 64 of them, as far as the tile's last key.
+template <int64_t D>
+void attend_chunk(QueryTile& t, const PairedKV& kv, int64_t j0, float c, BF16* probs) {
+  switch (std::min<int64_t>(kKeyBlocks, (t.last - j0) / 16 + 1)) {
+    case 1: return attend_blocks<D, 1>(t, kv, j0, c, probs);
+    case 2: return attend_blocks<D, 2>(t, kv, j0, c, probs);
+    case 3: return attend_blocks<D, 3>(t, kv, j0, c, probs);
+    default: return attend_blocks<D, 4>(t, kv, j0, c, probs);
   }
 }
 
@@ -1434,9 +1446,14 @@ void prefill_attention_d(const BF16* q, const BF16* keys, const BF16* values, co
       t.lowest_hi = *std::min_element(t.hi, t.hi + kQueryRows), t.last = *std::max_element(t.hi, t.hi + kQueryRows);
       start = std::min(start, t.lowest / kKeyChunk * kKeyChunk), end = std::max(end, t.last);
     }
-    for (int64_t j0 = start; j0 <= end; j0 += kKeyChunk)
+    if (window > 0) {  // each tile sees its own window: chunks from the tile's first block of 16 keys, not a multiple of 64
       for (QueryTile& t : tiles)
-        if (j0 <= t.last && j0 + kKeyChunk > t.lowest) attend_chunk<D>(t, paired[h], j0, c, probs.data());
+        for (int64_t j0 = t.lowest / 16 * 16; j0 <= t.last; j0 += kKeyChunk) attend_chunk<D>(t, paired[h], j0, c, probs.data());
+    } else {
+      for (int64_t j0 = start; j0 <= end; j0 += kKeyChunk)
+        for (QueryTile& t : tiles)
+          if (j0 <= t.last && j0 + kKeyChunk > t.lowest) attend_chunk<D>(t, paired[h], j0, c, probs.data());
+    }
     for (int64_t i = 0; i < count; ++i)
       for (int r = 0; r < kQueryRows && i * kQueryRows + r < rows; ++r) {
         int64_t row = i * kQueryRows + r, token = t0 + row / G, head = h * G + row % G;
