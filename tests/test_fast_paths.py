@@ -209,6 +209,27 @@ def test_prefill_attention_matches_sdpa(ops, tokens: int, first: int, heads: int
     assert near(got, exact, torch.bfloat16) and near(reference(q, keys[slots], values[slots]), exact, torch.bfloat16)
 
 
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_decode_attention_matches_float64(ops, head_dim: int) -> None:
+    """One new token per sequence over scattered cache blocks, causal and within a window of 5, against float64
+    softmax attention; bf16 head sizes that are multiples of 32 take the vdpbf16ps path on AVX-512 builds."""
+    gen = torch.Generator().manual_seed(40)
+    heads, kv_heads, block = 8, 2, 4
+    positions = torch.tensor([0, 16, 98])
+    table = torch.randperm(3 * 26, generator=gen).view(3, 26)
+    keys, values = (torch.randn(3 * 26 * block, kv_heads, head_dim, generator=gen).to(torch.bfloat16) for _ in range(2))
+    q = (torch.randn(3, heads, head_dim, generator=gen) * 2).to(torch.bfloat16)
+    for window in (0, 5):
+        got = ops.decode_attention(q, torch.arange(3), positions, keys, values, table, block, window).double()
+        for b, pos in enumerate(positions.tolist()):
+            seen = range(max(pos - window + 1, 0) if window else 0, pos + 1)
+            slots = torch.tensor([table[b, j // block].item() * block + j % block for j in seen])
+            k, v = (t[slots].double().repeat_interleave(heads // kv_heads, 1) for t in (keys, values))
+            weights = torch.softmax(torch.einsum("hd,jhd->hj", q[b].double(), k) / head_dim**0.5, -1)
+            expected = torch.einsum("hj,jhd->hd", weights, v)
+            assert (got[b] - expected).abs().max().item() < 2**-7 * max(1.0, expected.abs().max().item()), (window, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_and_rope(dtype: torch.dtype) -> None:
     from loopcoder.model.layers import RMSNorm, RotaryEmbedding

@@ -296,6 +296,13 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f))), n);
 }
 
+// The bf16 pair at p in all 16 lanes (a multiplier of vdpbf16ps).
+inline __m512bh pair_of(const BF16* p) {
+  int32_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return (__m512bh)_mm512_set1_epi32(bits);
+}
+
 inline __m512 silu16(__m512 v) {
   __m512 e = exp16(_mm512_or_ps(v, _mm512_set1_ps(-0.0f)));
   __m512 one = _mm512_set1_ps(1.0f);
@@ -1057,6 +1064,86 @@ void attend_positions(const float* q, int64_t G, const PagedKV<T>& kv, int64_t b
   }
 }
 
+#ifdef LOOPCODER_WIDE
+// Lane i: the sum of a[i]'s 16 lanes, the 16 reduced together in a tree of shuffles and adds.
+inline __m512 sums16(const __m512 (&a)[16]) {
+  __m512 x[8], t[4];
+  for (int i = 0; i < 8; ++i) x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    t[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(t[0], t[1], 0x44), _mm512_shuffle_f32x4(t[0], t[1], 0xEE));
+  __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(t[2], t[3], 0x44), _mm512_shuffle_f32x4(t[2], t[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+// attend_positions for bf16 with D a multiple of 32, on vdpbf16ps straight from the cache rows: each
+// score is a dot product of 32-dimension pairs reduced 16 keys at a time (sums16); the values of two
+// keys are interleaved (unpacklo/hi) and multiplied by the pair of their probabilities, rounded to
+// bf16 as PyTorch's flash attention rounds them, and the outputs put back in dimension order.
+void attend_positions_wide(const BF16* q, int64_t G, const PagedKV<BF16>& kv, int64_t b, int64_t kvh, int64_t first, int64_t last,
+                           float scale, std::vector<float>& scores, float* out) {
+  thread_local std::vector<const BF16*> keys, values;
+  thread_local std::vector<BF16> probs;
+  int64_t D = kv.head_dim, n = last - first + 1, padded = round_up(n, 16);
+  scores.resize(G * padded);
+  probs.assign(G * (padded + 1), BF16(0.0f));  // a zero past the last key pairs up an odd count
+  row_pointers(kv.keys, kv, b, kvh, first, last, keys);
+  row_pointers(kv.values, kv, b, kvh, first, last, values);
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t g = 0; g < G; ++g) {
+    const BF16* qg = q + g * D;
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) {
+        acc[i] = _mm512_setzero_ps();
+        if (j0 + i < n)
+          for (int64_t d = 0; d < D; d += 32)
+            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(keys[j0 + i] + d), (__m512bh)_mm512_loadu_si512(qg + d));
+      }
+      _mm512_storeu_ps(scores.data() + g * padded + j0, _mm512_mul_ps(sums16(acc), sv));
+    }
+  }
+  std::vector<float> inv(G);
+  for (int64_t g = 0; g < G; ++g) {
+    const float* s = scores.data() + g * padded;
+    BF16* p = probs.data() + g * (padded + 1);
+    float top = *std::max_element(s, s + n);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      __mmask16 live = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+      __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(top))));
+      total = _mm512_add_ps(total, e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    inv[g] = 1.0f / _mm512_reduce_add_ps(total);
+  }
+  const __m512i first16 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i second16 = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  for (int64_t d = 0; d < D; d += 32) {
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+      int64_t gn = std::min<int64_t>(4, G - g0);
+      __m512 lo[4] = {}, hi[4] = {};
+      for (int64_t j = 0; j < n; j += 2) {
+        __m512i v0 = _mm512_loadu_si512(values[j] + d);
+        __m512i v1 = j + 1 < n ? _mm512_loadu_si512(values[j + 1] + d) : _mm512_setzero_si512();
+        __m512bh l = (__m512bh)_mm512_unpacklo_epi16(v0, v1), h = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+        for (int64_t g = 0; g < gn; ++g) {
+          __m512bh pp = pair_of(probs.data() + (g0 + g) * (padded + 1) + j);
+          lo[g] = _mm512_dpbf16_ps(lo[g], l, pp);
+          hi[g] = _mm512_dpbf16_ps(hi[g], h, pp);
+        }
+      }
+      for (int64_t g = 0; g < gn; ++g) {  // lane 4k + m of lo is dimension 8k + m, of hi 8k + 4 + m
+        __m512 w = _mm512_set1_ps(inv[g0 + g]);
+        _mm512_storeu_ps(out + (g0 + g) * D + d, _mm512_mul_ps(_mm512_permutex2var_ps(lo[g], first16, hi[g]), w));
+        _mm512_storeu_ps(out + (g0 + g) * D + d + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo[g], second16, hi[g]), w));
+      }
+    }
+  }
+}
+#endif
+
 template <typename T>
 PagedKV<T> paged(const torch::Tensor& keys, const torch::Tensor& values, const torch::Tensor& table, int64_t block_size) {
   TORCH_CHECK(keys.dim() == 3 && keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes(), "keys/values [S, KVH, D]");
@@ -1133,7 +1220,7 @@ torch::Tensor decode_attention_typed(const torch::Tensor& q, const torch::Tensor
   float scale = 1.0f / std::sqrt(static_cast<float>(D));
   int64_t keys = 0;  // keys read in all: below ~a million multiply-adds a thread hand-off costs more than it saves
   for (int64_t b = 0; b < B; ++b) keys += pp[b] - window_start(pp[b], kv_window) + 1 + (local ? std::min(pp[b] + 1, window) : 0);
-  bool serial = keys * H * D < (1 << 20);
+  bool serial = keys * H * D < (1 << 16);
   for_each_tile(B * KVH, [&](int64_t item) {
     int64_t b = item / KVH, kvh = item % KVH, pos = pp[b];
     thread_local std::vector<float> qf, a, l, scores;  // reused: no allocation per item
@@ -1142,13 +1229,21 @@ torch::Tensor decode_attention_typed(const torch::Tensor& q, const torch::Tensor
     l.resize(G * D);
     const T* qrow = qp + (rp[b] * H + kvh * G) * D;
     for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(qrow[i]);
-    attend_positions(qf.data(), G, kv, b, kvh, window_start(pos, kv_window), pos, scale, scores, a.data());
+    auto attend = [&](const T* qt, const float* qw, const PagedKV<T>& cache, int64_t from, float* dst) {
+#ifdef LOOPCODER_WIDE
+      if constexpr (std::is_same<T, BF16>::value) {
+        if (D % 32 == 0) return attend_positions_wide(qt, G, cache, b, kvh, from, pos, scale, scores, dst);
+      }
+#endif
+      attend_positions(qw, G, cache, b, kvh, from, pos, scale, scores, dst);
+    };
+    attend(qrow, qf.data(), kv, window_start(pos, kv_window), a.data());
     T* dst = op + (b * H + kvh * G) * D;
     if (!local) {
       for (int64_t i = 0; i < G * D; ++i) dst[i] = static_cast<T>(a[i]);
       return;
     }
-    attend_positions(qf.data(), G, *local, b, kvh, window_start(pos, window), pos, scale, scores, l.data());
+    attend(qrow, qf.data(), *local, window_start(pos, window), l.data());
     mix_heads(qf.data(), a.data(), l.data(), G, kvh * G, D, gate_w, gate_b, dst);
   }, serial);
   return out;
@@ -1268,12 +1363,6 @@ inline __m512 row_maxes(const __m512 (&v)[4]) {
 
 // Lane 4r of v in all 16 lanes (row r's value, from a row_maxes layout).
 inline __m512 row_value(__m512 v, int r) { return _mm512_permutexvar_ps(_mm512_set1_epi32(4 * r), v); }
-
-inline __m512bh pair_of(const BF16* p) {
-  int32_t bits;
-  std::memcpy(&bits, p, sizeof(bits));
-  return (__m512bh)_mm512_set1_epi32(bits);
-}
 
 // Each KV head's keys and values in the pair layouts above, read through the sequence's slots;
 // positions past the last key are zero (and never visible).
