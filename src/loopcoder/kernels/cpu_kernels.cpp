@@ -1085,6 +1085,7 @@ void attend_positions_wide(const BF16* q, int64_t G, const PagedKV<BF16>& kv, in
                            float scale, std::vector<float>& scores, float* out) {
   thread_local std::vector<const BF16*> keys, values;
   thread_local std::vector<BF16> probs;
+  thread_local std::vector<float> inv;  // 1 / each head's softmax denominator
   int64_t D = kv.head_dim, n = last - first + 1, padded = round_up(n, 16);
   scores.resize(G * padded);
   probs.assign(G * (padded + 1), BF16(0.0f));  // a zero past the last key pairs up an odd count
@@ -1104,7 +1105,7 @@ void attend_positions_wide(const BF16* q, int64_t G, const PagedKV<BF16>& kv, in
       _mm512_storeu_ps(scores.data() + g * padded + j0, _mm512_mul_ps(sums16(acc), sv));
     }
   }
-  std::vector<float> inv(G);
+  inv.resize(G);
   for (int64_t g = 0; g < G; ++g) {
     const float* s = scores.data() + g * padded;
     BF16* p = probs.data() + g * (padded + 1);
