@@ -1219,7 +1219,7 @@ torch::Tensor decode_attention_typed(const torch::Tensor& q, const torch::Tensor
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* pp = positions.data_ptr<int64_t>();
   float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  int64_t keys = 0;  // keys read in all: below ~a million multiply-adds a thread hand-off costs more than it saves
+  int64_t keys = 0;  // keys read in all: below ~65K multiply-adds a thread hand-off costs more than it saves
   for (int64_t b = 0; b < B; ++b) keys += pp[b] - window_start(pp[b], kv_window) + 1 + (local ? std::min(pp[b] + 1, window) : 0);
   bool serial = keys * H * D < (1 << 16);
   for_each_tile(B * KVH, [&](int64_t item) {
@@ -1230,21 +1230,21 @@ torch::Tensor decode_attention_typed(const torch::Tensor& q, const torch::Tensor
     l.resize(G * D);
     const T* qrow = qp + (rp[b] * H + kvh * G) * D;
     for (int64_t i = 0; i < G * D; ++i) qf[i] = static_cast<float>(qrow[i]);
-    auto attend = [&](const T* qt, const float* qw, const PagedKV<T>& cache, int64_t from, float* dst) {
+    auto attend = [&](const PagedKV<T>& cache, int64_t from, float* dst) {
 #ifdef LOOPCODER_WIDE
       if constexpr (std::is_same<T, BF16>::value) {
-        if (D % 32 == 0) return attend_positions_wide(qt, G, cache, b, kvh, from, pos, scale, scores, dst);
+        if (D % 32 == 0) return attend_positions_wide(qrow, G, cache, b, kvh, from, pos, scale, scores, dst);
       }
 #endif
-      attend_positions(qw, G, cache, b, kvh, from, pos, scale, scores, dst);
+      attend_positions(qf.data(), G, cache, b, kvh, from, pos, scale, scores, dst);
     };
-    attend(qrow, qf.data(), kv, window_start(pos, kv_window), a.data());
+    attend(kv, window_start(pos, kv_window), a.data());
     T* dst = op + (b * H + kvh * G) * D;
     if (!local) {
       for (int64_t i = 0; i < G * D; ++i) dst[i] = static_cast<T>(a[i]);
       return;
     }
-    attend(qrow, qf.data(), *local, window_start(pos, window), l.data());
+    attend(*local, window_start(pos, window), l.data());
     mix_heads(qf.data(), a.data(), l.data(), G, kvh * G, D, gate_w, gate_b, dst);
   }, serial);
   return out;
